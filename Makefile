@@ -1,0 +1,49 @@
+# nova3d — `make help` lists the targets. Everything runs inside .venv, made by `make setup`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.9.30
+# The stamp changes whenever the pins change, so `make setup` reinstalls only then.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock 2>/dev/null | sha1sum | cut -c1-12)
+EXP ?= tiny
+ARGS ?=
+DEMO_OUT ?= outputs/demo
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup lock test test-fast demo tensorboard clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv from nothing with the pinned stack (idempotent, fast when done)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
+	$(BIN)/uv pip install --python $(BIN)/python -q -r requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python -q --no-deps -e .
+	@rm -f $(VENV)/.installed-* && touch $@
+
+lock: ## re-resolve requirements.lock from pyproject.toml's pins
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 -o requirements.lock -q
+
+test: setup ## the CPU test suite (fast + slow tiers; gpu tests skip without CUDA)
+	$(BIN)/python -m pytest -m "not gpu" $(ARGS)
+
+test-fast: setup ## only the fast tier
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
+
+demo: setup ## render the built-in objects, pack shards, write a contact sheet to outputs/demo/
+	$(BIN)/python -m data_prep.render_views --procedural --out $(DEMO_OUT)/renders --resolution 256
+	$(BIN)/python -m data_prep.write_shards $(DEMO_OUT)/renders --out $(DEMO_OUT)/shards
+	$(BIN)/nova3d inspect-shards $(DEMO_OUT)/shards
+	$(BIN)/nova3d contact-sheet $(DEMO_OUT)/shards --out $(DEMO_OUT)/contact_sheet.png
+
+tensorboard: setup ## TensorBoard over every run under runs/
+	$(BIN)/tensorboard --logdir runs --bind_all
+
+clean: ## remove outputs/ and runs/ (keeps .venv)
+	rm -rf outputs runs

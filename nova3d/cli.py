@@ -1,0 +1,68 @@
+"""The `nova3d` console command. Each subcommand imports its heavy modules only when run."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from nova3d.errors import Nova3DError
+
+
+def _config(args: argparse.Namespace) -> int:
+    from nova3d.config import load_experiment, to_yaml
+
+    print(to_yaml(load_experiment(args.experiment, args.overrides)), end="")
+    return 0
+
+
+def _inspect_shards(args: argparse.Namespace) -> int:
+    from nova3d.data.inspect import inspect_shards
+
+    report = inspect_shards(args.path)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def _contact_sheet(args: argparse.Namespace) -> int:
+    from nova3d.viz import contact_sheet_from_shards
+
+    path = contact_sheet_from_shards(args.shards, args.out, index=args.index)
+    print(f"wrote {path}")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nova3d", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(run=run)
+        return p
+
+    p = add("config", "print an experiment's fully resolved config", _config)
+    p.add_argument("experiment", help="name under experiments/ (e.g. tiny, ablations/no_gta) or a .yaml path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
+
+    p = add("inspect-shards", "count samples, keys and shapes in WebDataset shards; exit 1 if broken",
+            _inspect_shards)
+    p.add_argument("path", help="a shard directory, a .tar file, or a brace pattern")
+
+    p = add("contact-sheet", "write a PNG of one sample: input, RGB views, normal views", _contact_sheet)
+    p.add_argument("shards", help="a shard directory, a .tar file, or a brace pattern")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--index", type=int, default=0, help="which sample (in shard order)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Nova3DError as err:
+        print(f"nova3d {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

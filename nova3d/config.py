@@ -1,0 +1,189 @@
+"""Typed experiment configs and the layered loader.
+
+Merge order (later wins): the dataclass defaults below <- the experiment's ancestors
+(`parent:` chain, usually ending at base.yaml) <- the experiment file <- command-line
+`key=value` overrides. The schema comes first, so a misspelt key or a wrong type fails at
+start-up with one line naming the key and the file it came from.
+
+Experiments are named by their path under `experiments/` without `.yaml`
+("tiny", "ablations/no_gta"); a path to any .yaml file works too.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nova3d.errors import Nova3DError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+PARENT_KEY = "parent"
+
+
+class ConfigError(Nova3DError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "outputs/demo/shards/train-{000000..000000}.tar"  # brace pattern, dir or list file
+    val_shards: Optional[str] = None  # None: validate on train_shards
+    resolution: int = 256  # images are resized to this square size
+    num_views: int = 16  # views used per sample, evenly spaced along the orbit (e.g. 6 of 16)
+    random_start_view: bool = True  # training: roll the orbit to a random input view
+    train_background: str = "random"  # "random" colour or "white"; evaluation is always white
+    normal_frame: str = "input_view"  # frame of normal maps fed to the model (nova3d.cameras)
+    batch_size: int = 1  # per rank
+    num_workers: Optional[int] = None  # None: SLURM_CPUS_PER_TASK - 1 under SLURM, else 1
+    samples_per_epoch: int = 1000  # per rank: fixed so DDP ranks never wait on uneven shards
+    shuffle_buffer: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = None  # diffusers folder or hub id of SVD(-xt); None: random `architecture`
+    architecture: str = "tiny"  # "tiny" or "svd_xt" (used when pretrained is None)
+    gta_spatial: bool = True  # cross-domain attention within each view
+    gta_temporal: bool = True  # attention along the orbit across both domains
+    domains: list[str] = field(default_factory=lambda: ["rgb", "normal"])
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SystemConfig:
+    lr: float = 1.0e-5  # pretrained UNet weights
+    lr_new: float = 1.0e-4  # GTA modules and the domain embedding
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    ema_decay: Optional[float] = None  # e.g. 0.9999; None disables EMA
+    p_mean: float = 0.7  # training log-sigma ~ N(p_mean, p_std)
+    p_std: float = 1.6
+    noise_aug_strength: float = 0.02  # noise on the conditioning image latent
+    cond_dropout: float = 0.1  # drop the image condition for classifier-free guidance
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"rgb": 1.0, "normal": 1.0})
+    val_num_objects: int = 2
+    val_sampling_steps: int = 25
+    val_guidance: list[float] = field(default_factory=lambda: [1.0, 3.0])  # min, max over frames
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 10000
+    accelerator: str = "auto"
+    devices: Any = 1  # int or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"  # CPU runs switch to "32-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    val_check_interval: int = 1000  # in training steps
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 1000
+
+
+@dataclass
+class LoggingConfig:
+    root: str = "runs"  # run dir: <root>/<experiment name>/<SLURM job id or "local">
+    tensorboard: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "base"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def experiment_path(name: str, root: Path = EXPERIMENTS_DIR) -> Path:
+    """The YAML file of an experiment name (or the path itself when it is a file)."""
+    as_path = Path(name)
+    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
+        return as_path
+    return root / f"{name}.yaml"
+
+
+def list_experiments(root: Path = EXPERIMENTS_DIR) -> list[str]:
+    """Every experiment name under `root` (sbatch scripts and other files excluded)."""
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _chain(name: str, root: Path) -> list[tuple[Path, dict]]:
+    """The experiment and its ancestors, oldest first."""
+    chain: list[tuple[Path, dict]] = []
+    seen: list[Path] = []
+    path = experiment_path(name, root)
+    if not path.is_file():
+        known = ", ".join(list_experiments(root)) or "none"
+        raise ConfigError(f"{path}: experiment {name!r} not found (known: {known})")
+    while True:
+        if path in seen:
+            cycle = " -> ".join(p.stem for p in seen + [path])
+            raise ConfigError(f"{seen[0]}: parent cycle {cycle}")
+        seen.append(path)
+        data = _read_yaml(path)
+        parent = data.pop(PARENT_KEY, None)
+        chain.append((path, data))
+        if parent is None:
+            return chain[::-1]
+        parent_path = experiment_path(str(parent), root)
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: parent {parent!r} not found (looked for {parent_path})")
+        path = parent_path
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: bad key {key!r}: {reason}" if key else f"{source}: {reason}") from err
+
+
+def load_experiment(name: str, overrides: Sequence[str] = (),
+                    root: Path = EXPERIMENTS_DIR) -> ExperimentConfig:
+    """Resolve an experiment: schema <- parents <- file <- `key=value` overrides."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    chain = _chain(name, root)
+    for path, data in chain:
+        cfg = _merge(cfg, data, str(path))
+    # The name is derived, never written in a file: it decides the run directory.
+    cfg.name = chain[-1][0].stem if Path(name).suffix in (".yaml", ".yml") else name
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command line ({item})")
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The fully resolved config as YAML (what `nova3d config` prints and runs snapshot)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def slurm_cpus_per_task(default: int) -> int:
+    """CPUs SLURM gave this task, else `default` (never os.cpu_count(): it ignores the allocation)."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK")
+    return int(value) if value and value.isdigit() else default

@@ -1,0 +1,57 @@
+"""Pictures people look at: contact sheets of multi-view samples (input | RGB views | normal views)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+_LABEL_HEIGHT = 14
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[..., 3, H, W] floats in [0, 1] -> [..., H, W, 3] uint8."""
+    return (images.detach().float().clamp(0, 1).movedim(-3, -1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def contact_sheet(input_image: Tensor, rgb: Tensor, normals: Tensor | None = None,
+                  labels: Sequence[str] | None = None, tile: int = 128) -> Image.Image:
+    """One picture of a sample.
+
+    input_image [3, H, W] and rgb [V, 3, H, W] in [0, 1]; normals [V, 3, H, W] in [-1, 1]
+    (shown encoded as (n + 1) / 2). Row 1: the input, then the V RGB views; row 2 (if
+    normals are given): the V normal views under their RGB view. `labels` name the views.
+    """
+    def resized(images: Tensor) -> list[Image.Image]:
+        return [Image.fromarray(a).resize((tile, tile), Image.BILINEAR) for a in to_uint8(images)]
+
+    rows = [resized(rgb)] + ([resized((normals + 1) / 2)] if normals is not None else [])
+    num_views = rgb.shape[0]
+    row_height = tile + _LABEL_HEIGHT
+    sheet = Image.new("RGB", ((num_views + 1) * tile, len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(sheet)
+    sheet.paste(resized(input_image[None])[0], (0, _LABEL_HEIGHT))
+    draw.text((4, 1), "input", fill="black")
+    for r, tiles in enumerate(rows):
+        if r:
+            draw.text((4, r * row_height + 1), "normals", fill="black")
+        for v, image in enumerate(tiles):
+            x = (v + 1) * tile
+            sheet.paste(image, (x, r * row_height + _LABEL_HEIGHT))
+            if r == 0:
+                draw.text((x + 4, 1), labels[v] if labels else f"view {v}", fill="black")
+    return sheet
+
+
+def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Save a PNG under a temporary name, then rename, so no half-written picture is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,69 @@
+"""Experiment configs: every file loads, and every kind of mistake fails with one clear line."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nova3d.config import ConfigError, ExperimentConfig, list_experiments, load_experiment
+
+
+def test_every_experiment_file_loads_and_validates():
+    names = list_experiments()
+    assert {"base", "tiny", "gta_full", "ablations/no_gta"} <= set(names)
+    for name in names:
+        cfg = load_experiment(name)
+        assert isinstance(cfg, ExperimentConfig)
+        assert cfg.name == name
+
+
+def test_ablation_changes_only_its_knob():
+    full, ablation = load_experiment("gta_full"), load_experiment("ablations/no_gta")
+    assert (full.model.gta_spatial, full.model.gta_temporal) == (True, True)
+    assert (ablation.model.gta_spatial, ablation.model.gta_temporal) == (False, False)
+    ablation.model.gta_spatial = ablation.model.gta_temporal = True
+    ablation.name = full.name
+    assert ablation == full
+
+
+def test_overrides_apply_with_types():
+    cfg = load_experiment("tiny", ["trainer.max_steps=7", "data.resolution=32", "system.lr=0.5"])
+    assert (cfg.trainer.max_steps, cfg.data.resolution, cfg.system.lr) == (7, 32, 0.5)
+
+
+def _write(root: Path, name: str, text: str) -> None:
+    path = root / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("files,name,overrides,expected", [
+    ({"a": "data:\n  resolutoin: 64\n"}, "a", [], ["a.yaml", "data.resolutoin"]),
+    ({"a": "trainer:\n  max_steps: lots\n"}, "a", [], ["a.yaml", "trainer.max_steps"]),
+    ({"a": "parent: nope\n"}, "a", [], ["a.yaml", "parent 'nope' not found"]),
+    ({"a": "parent: b\n", "b": "parent: a\n"}, "a", [], ["parent cycle", "a -> b -> a"]),
+    ({"a": "data: [1, 2\n"}, "a", [], ["a.yaml", "not valid YAML"]),
+    ({"a": "- 1\n"}, "a", [], ["a.yaml", "expected a mapping"]),
+    ({"a": "seed: 1\n"}, "missing", [], ["missing.yaml", "not found"]),
+    ({"a": "seed: 1\n"}, "a", ["model.gta_spatial=maybe"], ["command line", "model.gta_spatial"]),
+    ({"a": "seed: 1\n"}, "a", ["seed"], ["command line", "key=value"]),
+])
+def test_config_errors_name_the_key_and_file(tmp_path, files, name, overrides, expected):
+    for file_name, text in files.items():
+        _write(tmp_path, file_name, text)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(name, overrides, root=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_cli_config_prints_resolved_yaml_and_fails_in_one_line():
+    ok = subprocess.run([sys.executable, "-m", "nova3d.cli", "config", "tiny", "trainer.max_steps=3"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "max_steps: 3" in ok.stdout and "name: tiny" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "nova3d.cli", "config", "tiny", "data.nope=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().count("\n") == 0 and "data.nope" in bad.stderr
