@@ -1,0 +1,84 @@
+"""Build / load the GTA-UNet (diffusers' SVD UNet + GTA processors) and save / load its weights.
+
+Checkpoint format (`save_gta_weights`): ONE safetensors file with the **full** UNet state dict
+(pretrained weights, which are fine-tuned too, plus the `gta_*` ones), and the GTAConfig as JSON
+in the safetensors metadata. Rebuild the model the same way it was trained (`load_gta_unet` or
+`build_gta_unet` with that GTAConfig), then `load_gta_weights`. Nothing is unpickled.
+
+Don't `save_pretrained` a GTA-UNet and reload it with diffusers: diffusers would rebuild plain
+processors and drop the `gta_*` weights as unexpected keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+from diffusers import UNetSpatioTemporalConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nova3d.models.gta import GTAConfig, install_gta
+
+_META_KEY = "nova3d_gta_config"
+
+
+def build_gta_unet(unet_config: Mapping[str, Any], gta: GTAConfig) -> UNetSpatioTemporalConditionModel:
+    """Randomly initialised UNet from a diffusers config dict (keys starting with `_` ignored)."""
+    unet = UNetSpatioTemporalConditionModel.from_config(dict(unet_config))
+    return install_gta(unet, gta)
+
+
+def load_gta_unet(
+    pretrained: str | os.PathLike,
+    gta: GTAConfig,
+    subfolder: str | None = "unet",
+    torch_dtype: torch.dtype | None = None,
+    **from_pretrained_kwargs: Any,
+) -> UNetSpatioTemporalConditionModel:
+    """Pretrained SVD(-xt) UNet from a diffusers folder (or hub id when online), then GTA.
+
+    GTA is installed after loading so its Q/K/V copy the pretrained ones and its outputs start
+    at zero: the result computes exactly what the pretrained UNet does.
+    """
+    kwargs = dict(from_pretrained_kwargs)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(os.fspath(pretrained), **kwargs)
+    return install_gta(unet, gta)
+
+
+def save_gta_weights(unet: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Full UNet state dict -> safetensors, with the installed GTAConfig in the metadata."""
+    gta = getattr(unet, "gta_config", None)
+    metadata = {"format": "pt"}
+    if gta is not None:
+        metadata[_META_KEY] = json.dumps(dataclasses.asdict(gta))
+    state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, os.fspath(path), metadata=metadata)
+
+
+def read_gta_config(path: str | os.PathLike) -> GTAConfig | None:
+    """The GTAConfig stored by `save_gta_weights`, or None if the file has none."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(_META_KEY)
+    return None if raw is None else GTAConfig(**json.loads(raw))
+
+
+def load_gta_weights(
+    unet: torch.nn.Module, path: str | os.PathLike, strict: bool = True
+) -> Any:  # torch's _IncompatibleKeys named tuple
+    """Load a `save_gta_weights` file into an already built GTA-UNet (same GTAConfig).
+
+    Returns torch's (missing_keys, unexpected_keys). Tensors are cast to the model's dtype.
+    """
+    stored, installed = read_gta_config(path), getattr(unet, "gta_config", None)
+    if stored is not None and installed is not None and stored != installed:
+        raise ValueError(f"weights were saved with {stored}, but this UNet has {installed}")
+    device = next(unet.parameters()).device
+    state = load_file(os.fspath(path), device=str(device))
+    return unet.load_state_dict(state, strict=strict)

@@ -1,0 +1,263 @@
+"""GTA-UNet: zero-init equivalence, SVD-xt key compatibility, gradients, cross-domain coupling,
+checkpoint round-trips. Tiny random UNet on CPU; every random draw uses a local generator or a
+forked RNG, so nothing global is touched."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import UNetSpatioTemporalConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from nova3d.models.gta import (
+    GTAAttnProcessor,
+    GTAConfig,
+    gta_processor_names,
+    install_gta,
+    is_new_parameter,
+    split_domains,
+    split_parameters,
+    stack_domains,
+)
+from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config
+from nova3d.models.unet import (
+    build_gta_unet,
+    load_gta_unet,
+    load_gta_weights,
+    read_gta_config,
+    save_gta_weights,
+)
+
+VARIANTS = {
+    "full": GTAConfig(),
+    "spatial_only": GTAConfig(temporal=False),
+    "temporal_only": GTAConfig(spatial=False),
+}
+LEVELS = {"full": {"spatial", "temporal"}, "spatial_only": {"spatial"}, "temporal_only": {"temporal"}}
+FRAMES, SIZE = 4, 8
+
+
+def _seeded(fn, seed: int = 0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()
+
+
+def _vanilla(seed: int = 0) -> UNetSpatioTemporalConditionModel:
+    return _seeded(lambda: UNetSpatioTemporalConditionModel.from_config(tiny_unet_config()), seed)
+
+
+def _gta(gta: GTAConfig, seed: int = 0) -> UNetSpatioTemporalConditionModel:
+    return _seeded(lambda: build_gta_unet(tiny_unet_config(), gta), seed)
+
+
+@pytest.fixture(scope="module")
+def vanilla() -> UNetSpatioTemporalConditionModel:
+    return _vanilla()
+
+
+def _inputs(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """UNet kwargs for `batch` = D*B rows (domain-major), same conditioning for every row."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = tiny_unet_config()
+    return {
+        "sample": torch.randn(batch, FRAMES, cfg["in_channels"], SIZE, SIZE, generator=g),
+        "timestep": torch.tensor(0.7),
+        "encoder_hidden_states": torch.randn(1, 1, cfg["cross_attention_dim"], generator=g).expand(batch, 1, -1),
+        "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]]).expand(batch, 3),
+    }
+
+
+def _run(unet, inputs) -> torch.Tensor:
+    return unet(**inputs).sample
+
+
+def _randomize_new(unet, only: str | None = None, seed: int = 1, std: float = 0.2) -> None:
+    """Give GTA parameters (optionally only names containing `only`) non-zero values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if is_new_parameter(name) and (only is None or only in name):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_init_reproduces_vanilla(vanilla, variant):
+    unet = _gta(VARIANTS[variant])
+    assert set(gta_processor_names(unet).values()) == LEVELS[variant]
+    inputs = _inputs(batch=4)
+    with torch.no_grad():
+        diff = (_run(unet, inputs) - _run(vanilla, inputs)).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_svd_xt_keys_and_shapes_on_meta():
+    with torch.device("meta"):
+        vanilla = UNetSpatioTemporalConditionModel.from_config(svd_xt_unet_config())
+        unet = build_gta_unet(svd_xt_unet_config(), GTAConfig())
+    ref = {k: v.shape for k, v in vanilla.state_dict().items()}
+    got = {k: v.shape for k, v in unet.state_dict().items()}
+    assert all(got.get(k) == shape for k, shape in ref.items())
+    extra = set(got) - set(ref)
+    assert extra and all(is_new_parameter(k) for k in extra)
+    assert not any(is_new_parameter(k) for k in ref)
+    # SVD-xt has 16 spatio-temporal transformers: one spatial + one temporal attn1 each.
+    levels = list(gta_processor_names(unet).values())
+    assert levels.count("spatial") == 16 and levels.count("temporal") == 16
+    missing, unexpected = unet.load_state_dict(vanilla.state_dict(), strict=False)
+    assert set(missing) == extra and not unexpected
+    pretrained, new = split_parameters(unet)
+    assert len(pretrained) == len(list(vanilla.parameters()))
+    assert sum(p.numel() for p in new) > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_gta_parameters(variant):
+    unet = _gta(VARIANTS[variant])
+    inputs = _inputs(batch=2)
+    weight = torch.randn(_run(unet, inputs).shape, generator=torch.Generator().manual_seed(3))
+
+    def grads():
+        unet.zero_grad(set_to_none=True)
+        (_run(unet, inputs) * weight).sum().backward()
+        return {n: p.grad for n, p in unet.named_parameters() if is_new_parameter(n)}
+
+    # At zero init the output projections and the domain embedding already get gradient ...
+    g0 = grads()
+    for name, grad in g0.items():
+        if "gta_to_out" in name or "gta_domain_embedding" in name:
+            assert grad is not None and grad.abs().sum() > 0, name
+    # ... and once they are non-zero, so do the new Q/K/V and frame embeddings behind them.
+    _randomize_new(unet, only="gta_to_out")
+    g1 = grads()
+    assert any("gta_frame_embed" in n for n in g1) == (variant != "spatial_only")
+    for name, grad in g1.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_matches():
+    unet = _gta(GTAConfig())
+    _randomize_new(unet)
+    inputs = _inputs(batch=2)
+
+    def step():
+        unet.zero_grad(set_to_none=True)
+        out = _run(unet, inputs)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if is_new_parameter(n)}
+
+    out_ref, g_ref = step()
+    unet.enable_gradient_checkpointing()
+    out_ckpt, g_ckpt = step()
+    assert torch.allclose(out_ref, out_ckpt, atol=1e-6)
+    assert all(torch.allclose(g_ref[n], g_ckpt[n], atol=1e-6) for n in g_ref)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_normal_input_changes_rgb_output_only_with_gta(variant):
+    unet = _gta(VARIANTS[variant])
+    _randomize_new(unet)
+    inputs = _inputs(batch=4)  # D=2 domains x B=2 objects
+    rgb, normal = split_domains(inputs["sample"], 2)
+    poked = normal.clone()
+    poked[1] += torch.randn(poked[1].shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = split_domains(_run(unet, inputs), 2)
+        after = split_domains(_run(unet, {**inputs, "sample": stack_domains([rgb, poked])}), 2)
+    assert (before[0, 1] - after[0, 1]).abs().max() > 1e-4  # same object's RGB sees its normals
+    assert (before[0, 0] - after[0, 0]).abs().max() <= 1e-6  # other objects are untouched
+
+
+def test_gta_off_keeps_domains_independent():
+    unet = _gta(GTAConfig(spatial=False, temporal=False))
+    assert not gta_processor_names(unet)
+    assert all("gta_domain_embedding" in n for n, _ in unet.named_parameters() if is_new_parameter(n))
+    _randomize_new(unet)
+    inputs = _inputs(batch=4)
+    poked = inputs["sample"].clone()
+    poked[2:] += 1.0  # all normals
+    with torch.no_grad():
+        before, after = _run(unet, inputs), _run(unet, {**inputs, "sample": poked})
+    assert (before[:2] - after[:2]).abs().max() <= 1e-6
+    assert (before[2:] - after[2:]).abs().max() > 1e-4
+
+
+def test_single_domain_is_vanilla(vanilla):
+    unet = _gta(GTAConfig(num_domains=1))
+    assert not split_parameters(unet)[1] and not gta_processor_names(unet)
+    inputs = _inputs(batch=3)
+    with torch.no_grad():
+        assert torch.equal(_run(unet, inputs), _run(vanilla, inputs))
+
+
+def test_processor_pairs_same_row_and_is_domain_symmetric():
+    """Unit level: row m of domain d attends jointly with row m of the other domain only, and
+    the shared frame embedding makes the branch equivariant to swapping domains."""
+    attn = _seeded(lambda: Attention(query_dim=16, heads=2, dim_head=8))
+    proc = GTAAttnProcessor(attn, num_domains=2, frame_embed_len=8)
+    _randomize_new(proc)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * 3, 5, 16, generator=g)  # [D*M, L, C]
+    with torch.no_grad():
+        base = AttnProcessor2_0()(attn, x)
+        out = proc(attn, x)
+        poked = x.clone()
+        poked[3 + 1] += 1.0  # domain 1, row 1
+        out_poked = proc(attn, poked)
+        swapped = torch.cat([x[3:], x[:3]])
+        out_swapped = proc(attn, swapped)
+    assert not torch.allclose(out, base)
+    change = (out - out_poked).abs().amax(dim=(1, 2))
+    assert change[1] > 1e-4 and change[0] <= 1e-6 and change[2] <= 1e-6
+    assert torch.allclose(out_swapped, torch.cat([out[3:], out[:3]]), atol=1e-6)
+    with pytest.raises(ValueError):
+        proc(attn, x[:5])  # not divisible by D
+
+
+def test_deepcopy_rebinds_domain_hook():
+    """EMA copies the model with deepcopy: the copy's hook must use the copy's embedding."""
+    unet = _gta(GTAConfig())
+    ema = copy.deepcopy(unet)
+    (hook,) = ema.time_embedding._forward_hooks.values()
+    assert hook.__self__ is ema.gta_domain_embedding
+    _randomize_new(ema, only="gta_domain_embedding")
+    inputs = _inputs(batch=2)
+    with torch.no_grad():
+        assert not torch.allclose(_run(ema, inputs), _run(unet, inputs))
+
+
+def test_save_load_gta_weights_roundtrip(tmp_path):
+    unet = _gta(GTAConfig())
+    _randomize_new(unet)
+    path = tmp_path / "gta_unet.safetensors"
+    save_gta_weights(unet, path)
+    assert read_gta_config(path) == GTAConfig()
+    fresh = _gta(GTAConfig(), seed=7)
+    result = load_gta_weights(fresh, path)
+    assert not result.missing_keys and not result.unexpected_keys
+    ref, got = unet.state_dict(), fresh.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    with pytest.raises(ValueError):
+        load_gta_weights(_gta(GTAConfig(temporal=False)), path)
+
+
+@pytest.mark.parametrize("subfolder", ["unet", None])
+def test_load_gta_unet_from_save_pretrained(tmp_path, vanilla, subfolder):
+    vanilla.save_pretrained(tmp_path / "unet")
+    root = tmp_path if subfolder else tmp_path / "unet"
+    unet = load_gta_unet(root, GTAConfig(), subfolder=subfolder)
+    assert len(gta_processor_names(unet)) == 8
+    inputs = _inputs(batch=2)
+    with torch.no_grad():
+        assert (_run(unet, inputs) - _run(vanilla, inputs)).abs().max() <= 1e-5
+    # New weights follow the loaded dtype, so bf16 training needs no extra casting.
+    if subfolder:
+        half = load_gta_unet(root, GTAConfig(), subfolder=subfolder, torch_dtype=torch.bfloat16)
+        assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_install_twice_fails(vanilla):
+    unet = install_gta(copy.deepcopy(vanilla), GTAConfig())
+    with pytest.raises(RuntimeError):
+        install_gta(unet, GTAConfig())
