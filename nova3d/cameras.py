@@ -77,11 +77,21 @@ class Cameras:
         return self.c2w.shape[0]
 
     def select(self, indices: Sequence[int] | Tensor) -> "Cameras":
-        """The cameras of the given views, in that order (view indices[0] becomes view 0)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        """The cameras of the given views, in that order (view indices[0] becomes view 0).
+
+        `input_view` follows the input view to its new position. Dropping the input view while
+        normal_frame is "input_view" is an error: the frame the normals are in would be lost
+        (convert them to "world" first).
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        kept = (idx == self.input_view).nonzero()
+        if len(kept) == 0 and self.normal_frame == "input_view":
+            raise ValueError(f"selecting views {idx.tolist()} drops input view {self.input_view}, "
+                             "whose frame the normals are in; convert them to 'world' first")
+        input_view = int(kept[0]) if len(kept) else 0
         return Cameras(self.c2w[idx], self.K[idx], self.width, self.height,
                        self.azimuth_deg[idx], self.elevation_deg[idx], self.radius,
-                       self.fov_deg, self.normal_frame, self.input_view, dict(self.extra))
+                       self.fov_deg, self.normal_frame, input_view, dict(self.extra))
 
     def roll(self, start: int) -> "Cameras":
         """The same orbit started at view `start`."""

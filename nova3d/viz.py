@@ -55,3 +55,24 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def contact_sheet_from_shards(shards: str, out: str | os.PathLike, index: int = 0) -> Path:
+    """Write the contact sheet of sample `index` (in shard order) as the evaluation loader sees it."""
+    from nova3d.data.shards import decode_sample, existing_shards, iter_tar_samples
+    from nova3d.data.views import make_views
+    from nova3d.errors import Nova3DError
+
+    seen = 0
+    for url in existing_shards(shards):
+        for raw in iter_tar_samples(url):
+            if seen == index:
+                obj = decode_sample(raw)
+                views = list(range(len(obj.cameras)))
+                sample = make_views(obj, views, resolution=obj.rgba.shape[-1], normal_frame="input_view",
+                                    background=torch.ones(3))
+                labels = [f"{float(a) % 360:.1f}°" for a in sample.azimuth_deg]
+                sheet = contact_sheet(sample.input_image, sample.rgb, sample.normals, labels)
+                return save_png_atomic(sheet, out)
+            seen += 1
+    raise Nova3DError(f"{shards}: asked for sample {index} but the shards hold {seen}")

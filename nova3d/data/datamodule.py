@@ -1,0 +1,239 @@
+"""The LightningDataModule: NOVA3D shards streamed with WebDataset into MultiViewBatch.
+
+Training (DDP- and worker-safe, DESIGN.md §3.9): every (rank, worker) draws shards with
+replacement (`ResampledShards`, seeded per rank, worker and epoch), so no rank runs dry and
+no splitting is needed; each rank yields exactly ceil(samples_per_epoch / batch_size) full
+batches per epoch (`with_epoch` on the loader), so ranks never wait on each other. Random
+input view (orbit roll) and random background per sample.
+Validation/test: every shard once, split by rank then by worker; no roll, white background.
+A rank with no validation shards yields no batches: give at least world_size val shards.
+
+Broken data never crashes a run and is never skipped silently: an unreadable (e.g. truncated)
+shard, a sample with a missing key or an undecodable image is skipped, counted in shared
+memory across worker processes (`datamodule.skipped`) and warned about with its file and
+reason. Only when every one of the last `max_consecutive_failures` reads failed does it raise.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+from typing import Iterable, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+
+from nova3d.cameras import NORMAL_FRAMES
+from nova3d.config import DataConfig, slurm_cpus_per_task
+from nova3d.data.shards import (INVALID, MISSING_KEY, UNDECODABLE, Manifest, SampleError, ShardReadError,
+                                decode_sample, evenly_spaced_views, existing_shards, find_manifest,
+                                iter_tar_samples, stored_num_views)
+from nova3d.data.views import MultiViewBatch, MultiViewSample, Scratch, collate_multiview, make_views
+from nova3d.errors import Nova3DError
+
+UNREADABLE_SHARD = "unreadable_shard"
+SKIP_REASONS = (UNREADABLE_SHARD, MISSING_KEY, UNDECODABLE, INVALID)
+BACKGROUNDS = ("random", "white")
+
+
+@dataclass
+class SkipReport:
+    """How many shards/samples were skipped, by reason (nova3d.data.shards codes)."""
+
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class SkipCounter:
+    """Counts skips in shared memory, so DataLoader worker processes add to the same totals."""
+
+    def __init__(self, max_consecutive_failures: int = 200):
+        self._counts = multiprocessing.Array("q", len(SKIP_REASONS))  # inherited by forked/spawned workers
+        self.max_consecutive_failures = max_consecutive_failures
+        self._consecutive = 0  # per process: failures since the last good sample
+        self._warned: set[str] = set()  # per process: a resampled broken shard is warned about once
+
+    def skip(self, reason: str, message: str) -> None:
+        with self._counts.get_lock():
+            self._counts[SKIP_REASONS.index(reason)] += 1
+            total = sum(self._counts)
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"nova3d data: skipped [{reason}] {message} ({total} skipped so far)", RuntimeWarning)
+        self._consecutive += 1
+        if self._consecutive >= self.max_consecutive_failures:
+            raise Nova3DError(f"the last {self._consecutive} shard/sample reads all failed; last: {message}")
+
+    def ok(self) -> None:
+        self._consecutive = 0
+
+    def report(self) -> SkipReport:
+        with self._counts.get_lock():
+            return SkipReport(dict(zip(SKIP_REASONS, self._counts[:])))
+
+
+def _stream_seed(base: int, rank: int) -> int:
+    """Seed for this rank/worker/epoch: DataLoader seeds each worker from the (seedable) main RNG."""
+    worker = torch.utils.data.get_worker_info()
+    drawn = torch.initial_seed() if worker is not None else int(torch.randint(2**62, ()).item())
+    return int(np.random.SeedSequence([base, rank, drawn]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class _ToViews:
+    """Pipeline stage: raw shard samples -> MultiViewSample; broken samples are counted and skipped."""
+
+    cfg: DataConfig
+    train: bool
+    counter: SkipCounter
+    rank: int
+    epoch: int = 0  # advanced per pass, so persistent workers do not repeat their random choices
+    scratch: Scratch = field(default_factory=Scratch)  # per worker process
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[MultiViewSample]:
+        rng = np.random.default_rng([_stream_seed(self.cfg.seed, self.rank), self.epoch])
+        self.epoch += 1
+        random_start = self.train and self.cfg.random_start_view
+        random_bg = self.train and self.cfg.train_background == "random"
+        for raw in src:
+            try:
+                total = stored_num_views(raw)
+                start = int(rng.integers(total)) if random_start else 0
+                try:
+                    views = evenly_spaced_views(total, self.cfg.num_views, start)
+                except Nova3DError as err:
+                    raise SampleError(INVALID, f"{raw.get('__url__')}: sample {raw.get('__key__')}: {err}") from err
+                obj = decode_sample(raw, views)
+                bg = torch.from_numpy(rng.random(3)).float() if random_bg else torch.ones(3)
+                sample = make_views(obj, views, resolution=self.cfg.resolution,
+                                    normal_frame=self.cfg.normal_frame, background=bg, scratch=self.scratch)
+            except SampleError as err:
+                self.counter.skip(err.reason, str(err))
+                continue
+            self.counter.ok()
+            yield sample
+
+
+def _read_shards(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+    """Pipeline stage: {"url"} -> raw samples; a shard that breaks is counted once and left."""
+    for item in src:
+        try:
+            yield from iter_tar_samples(item["url"])
+        except ShardReadError as err:
+            counter.skip(UNREADABLE_SHARD, str(err))
+
+
+def _split_by_rank(src: Iterable, rank: int, world_size: int) -> Iterator:
+    """Shard list of this rank (rank and world size captured in the main process: workers may not know)."""
+    return islice(src, rank, None, world_size)
+
+
+def resolve_num_workers(cfg: DataConfig) -> int:
+    """cfg.num_workers, else SLURM_CPUS_PER_TASK - 1 under SLURM, else 1 (never os.cpu_count())."""
+    return cfg.num_workers if cfg.num_workers is not None else max(slurm_cpus_per_task(2) - 1, 0)
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Nova3DError naming the first DataConfig field the DataModule cannot honour."""
+    checks = [("train_background", cfg.train_background in BACKGROUNDS, f"one of {BACKGROUNDS}"),
+              ("normal_frame", cfg.normal_frame in NORMAL_FRAMES, f"one of {NORMAL_FRAMES}"),
+              ("num_views", cfg.num_views >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+              ("resolution", cfg.resolution >= 1, ">= 1"), ("samples_per_epoch", cfg.samples_per_epoch >= 1, ">= 1"),
+              ("num_workers", cfg.num_workers is None or cfg.num_workers >= 0, ">= 0 or null")]
+    for name, ok, wanted in checks:
+        if not ok:
+            raise Nova3DError(f"data.{name} must be {wanted}, got {getattr(cfg, name)!r}")
+
+
+class MultiViewDataModule(L.LightningDataModule):
+    """MultiViewBatch loaders for training (resampled, infinite) and validation/test (each shard once)."""
+
+    def __init__(self, cfg: DataConfig):
+        super().__init__()
+        check_data_config(cfg)
+        self.cfg = cfg
+        self.num_workers = resolve_num_workers(cfg)
+        self._counter: SkipCounter | None = None
+        self.train_urls: list[str] = []
+        self.val_urls: list[str] = []
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training batches each rank yields per epoch."""
+        return math.ceil(self.cfg.samples_per_epoch / self.cfg.batch_size)
+
+    @property
+    def skipped(self) -> SkipReport:
+        """Shards/samples skipped so far (all workers, this process's loaders)."""
+        return self._counter.report() if self._counter else SkipReport({r: 0 for r in SKIP_REASONS})
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find the shards (Nova3DError when missing); "validate"/"test" need no training shards."""
+        if self._counter is None:  # created here, not at import: shared memory for this process's workers
+            self._counter = SkipCounter()
+        if stage in (None, "fit"):
+            self.train_urls = existing_shards(self.cfg.train_shards, split="train")
+        self.val_urls = self._find_val_urls()
+
+    def _find_val_urls(self) -> list[str]:
+        """cfg.val_shards; else the manifest's "val" split beside the train shards; else the train shards."""
+        if self.cfg.val_shards:
+            return existing_shards(self.cfg.val_shards, split="val")
+        manifest = find_manifest(self.cfg.train_shards)
+        if manifest is not None and Manifest.load(manifest).shard_names("val"):
+            return existing_shards(manifest, split="val")
+        return self.train_urls or existing_shards(self.cfg.train_shards, split="train")
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _loader(self, pipeline: wds.DataPipeline, num_workers: int) -> wds.WebLoader:
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+                             persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> Iterable[MultiViewBatch]:
+        if not self.train_urls:
+            self.setup("fit")
+        rank, _ = self._rank_world()
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self.train_urls, seed=self.cfg.seed, deterministic=True,
+                                worker_seed=partial(_stream_seed, self.cfg.seed, rank)),
+            partial(_read_shards, counter=self._counter),
+            wds.shuffle(self.cfg.shuffle_buffer, initial=max(1, self.cfg.shuffle_buffer // 4)),
+            _ToViews(self.cfg, train=True, counter=self._counter, rank=rank),
+            wds.batched(self.cfg.batch_size, collation_fn=collate_multiview, partial=False),
+        )
+        return self._loader(pipeline, self.num_workers).with_epoch(self.batches_per_epoch)
+
+    def val_dataloader(self) -> Iterable[MultiViewBatch]:
+        if not self.val_urls:
+            self.setup("validate")
+        rank, world = self._rank_world()
+        mine = self.val_urls[rank::world]
+        if not mine:
+            warnings.warn(f"nova3d data: rank {rank} of {world} has no validation shards "
+                          f"({len(self.val_urls)} in all)", RuntimeWarning)
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.val_urls),
+            partial(_split_by_rank, rank=rank, world_size=world),
+            wds.split_by_worker,
+            partial(_read_shards, counter=self._counter),
+            _ToViews(self.cfg, train=False, counter=self._counter, rank=rank),
+            wds.batched(self.cfg.batch_size, collation_fn=collate_multiview, partial=True),
+        )
+        return self._loader(pipeline, min(self.num_workers, len(mine)))
+
+    def test_dataloader(self) -> Iterable[MultiViewBatch]:
+        return self.val_dataloader()

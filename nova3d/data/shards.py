@@ -1,0 +1,400 @@
+"""The shard sample codec (shared by data_prep/write_shards.py and the DataModule), reading
+object folders, the shard reader, and finding shards and their manifest.
+
+Keys and encodings are defined in `nova3d.data.schema` ("Shard samples"). Object-folder
+images are decoded with torchvision's libpng binding, which keeps 16 bits (Pillow reads
+16-bit RGB PNGs as 8-bit); 16-bit PNGs are written here with numpy + zlib for the same reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import braceexpand
+import numpy as np
+import torch
+import zstandard
+from torchvision.io import ImageReadMode, decode_png
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from nova3d.cameras import Cameras
+from nova3d.data import schema
+from nova3d.errors import Nova3DError
+
+# Reasons a sample or an object folder is refused; stable strings, counted by reason.
+MISSING_KEY, MISSING_FILE, UNDECODABLE, INVALID = "missing_key", "missing_file", "undecodable", "invalid"
+
+
+class SampleError(Nova3DError):
+    """A sample or object folder that cannot be used; `reason` is one of the codes above."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class ObjectSample:
+    """One object's views as stored (planar integer arrays, exactly the object folder's values)."""
+
+    object_id: str
+    rgba: np.ndarray  # [V, 4, H, W] uint8, straight colour + coverage alpha
+    normal: np.ndarray  # [V, 3, H, W] uint16, (n + 1) / 2 * 65535 in cameras.normal_frame
+    mask: np.ndarray  # [V, H, W] uint8, 255 = object
+    cameras: Cameras  # the whole stored orbit, even when the arrays hold only some `views`
+    meta: dict  # ObjectMeta fields (+ "shard_encoding" once read back from a shard)
+    depth: np.ndarray | None = None  # [V, H, W] uint16, depth * DEPTH_SCALE
+    views: list[int] | None = None  # stored view index of each array entry; None: all, in order
+
+    def validate(self) -> "ObjectSample":
+        """Raise SampleError(INVALID) unless shapes, dtypes and cameras agree."""
+        V, H, W = self.mask.shape if self.mask.ndim == 3 else (None, None, None)
+        expected = {"rgb": (self.rgba, (V, 4, H, W), np.uint8), "normal": (self.normal, (V, 3, H, W), np.uint16),
+                    "mask": (self.mask, (V, H, W), np.uint8)}
+        if self.depth is not None:
+            expected["depth"] = (self.depth, (V, H, W), np.uint16)
+        for name, (array, shape, dtype) in expected.items():
+            if array.shape != shape or array.dtype != dtype:
+                raise SampleError(INVALID, f"{name}: {array.shape} {array.dtype}, expected {shape} {np.dtype(dtype)}")
+        cams = self.cameras
+        held = len(self.views) if self.views is not None else len(cams)
+        if held != V or (cams.width, cams.height) != (W, H):
+            raise SampleError(INVALID, f"cameras: {len(cams)} views of {cams.width}x{cams.height}, "
+                                       f"images: {V} views of {W}x{H}")
+        if H != W:
+            raise SampleError(INVALID, f"images are {W}x{H}; only square views are supported")
+        if not (torch.isfinite(cams.c2w).all() and torch.isfinite(cams.K).all()):
+            raise SampleError(INVALID, "cameras: c2w or K has NaN/inf entries")
+        return self
+
+
+# --- 16-bit PNG writing and PNG reading ---------------------------------------------------
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (L, LA, RGB, RGBA)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def _paeth_filter(rows: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG filter type 4 of every row [H, B] uint8 (vectorised: filtering only reads raw bytes)."""
+    a, b, c = np.zeros_like(rows), np.zeros_like(rows), np.zeros_like(rows)
+    a[:, bpp:], b[1:], c[1:, bpp:] = rows[:, :-bpp], rows[:-1], rows[:-1, :-bpp]  # left, up, up-left
+    a16, b16, c16 = a.astype(np.int16), b.astype(np.int16), c.astype(np.int16)
+    p = a16 + b16 - c16
+    pa, pb, pc = np.abs(p - a16), np.abs(p - b16), np.abs(p - c16)
+    pred = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    return rows - pred  # uint8 arithmetic wraps modulo 256, as PNG wants
+
+
+def encode_png16(image: np.ndarray, level: int = 6) -> bytes:
+    """[H, W, C] uint16 (C in 1..4) -> 16-bit PNG bytes (Paeth filter, zlib `level`)."""
+    if image.dtype != np.uint16 or image.ndim != 3 or image.shape[2] not in _PNG_COLOUR_TYPES:
+        raise ValueError(f"encode_png16 wants [H, W, 1..4] uint16, got {image.shape} {image.dtype}")
+    h, w, ch = image.shape
+    rows = np.ascontiguousarray(image.astype(">u2")).view(np.uint8).reshape(h, w * ch * 2)
+    scanlines = np.concatenate([np.full((h, 1), 4, np.uint8), _paeth_filter(rows, bpp=2 * ch)], axis=1)
+    header = struct.pack(">IIBBBBB", w, h, 16, _PNG_COLOUR_TYPES[ch], 0, 0, 0)
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), level)) + _png_chunk(b"IEND", b""))
+
+
+def read_png(path: str | os.PathLike, channels: int, dtype: type) -> np.ndarray:
+    """A PNG file as [channels, H, W] `dtype` (uint8 or uint16), bit depth kept; else SampleError."""
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        image = decode_png(data, mode=ImageReadMode.UNCHANGED).numpy()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise SampleError(UNDECODABLE, f"{path}: not a readable PNG ({str(err).splitlines()[0]})") from err
+    if image.shape[0] != channels or image.dtype != dtype:
+        raise SampleError(INVALID, f"{path}: {image.shape[0]} channels of {image.dtype}, "
+                                   f"expected {channels} of {np.dtype(dtype)}")
+    return image
+
+
+def read_object_folder(folder: str | os.PathLike) -> ObjectSample:
+    """Load and check a complete object folder (schema.py); SampleError says what is wrong."""
+    folder = Path(folder)
+    missing = schema.missing_files(folder)
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        reason = MISSING_FILE if missing[0].endswith(" is missing") else INVALID  # else: a broken meta.json
+        raise SampleError(reason, "; ".join(missing[:3]) + more)
+    meta = schema.ObjectMeta.load(folder / schema.META_FILE)
+    try:
+        cameras = Cameras.load(folder / schema.CAMERAS_FILE)
+    except ValueError as err:
+        raise SampleError(INVALID, str(err)) from err
+
+    def stack(sub: str, channels: int, dtype: type) -> np.ndarray:
+        images = [read_png(folder / sub / schema.view_name(i), channels, dtype) for i in range(meta.num_views)]
+        sizes = {im.shape[1:] for im in images}
+        if sizes != {(meta.resolution, meta.resolution)}:
+            raise SampleError(INVALID, f"{folder / sub}: image sizes {sorted(sizes)}, meta.json says "
+                                       f"{meta.resolution}x{meta.resolution}")
+        return np.stack(images)
+
+    sample = ObjectSample(
+        object_id=meta.object_id, rgba=stack(schema.RGB_DIR, 4, np.uint8),
+        normal=stack(schema.NORMAL_DIR, 3, np.uint16), mask=stack(schema.MASK_DIR, 1, np.uint8)[:, 0],
+        cameras=cameras, meta=dataclasses.asdict(meta),
+        depth=stack(schema.DEPTH_DIR, 1, np.uint16)[:, 0] if meta.has_depth else None)
+    try:
+        return sample.validate()
+    except SampleError as err:
+        raise SampleError(err.reason, f"{folder}: {err}") from err
+
+
+
+# --- shard sample codec -------------------------------------------------------------------
+def _encode_array(array: np.ndarray, enc: schema.ShardEncoding) -> bytes:
+    """[V, ..., H, W] unsigned ints -> zstd-compressed .npy of the (row-delta filtered) array."""
+    filtered = array.copy()
+    if enc.filter == schema.ROW_DELTA:
+        filtered[..., 1:, :] = np.diff(array, axis=-2)  # unsigned: wraps, undone exactly by a running sum
+    buf = io.BytesIO()
+    np.save(buf, filtered, allow_pickle=False)
+    return zstandard.ZstdCompressor(level=enc.level).compress(buf.getvalue())
+
+
+def _decode_array(data: bytes, filter_name: str, views: list[int] | None) -> np.ndarray:
+    """Inverse of _encode_array, undoing the filter only for `views` (all when None)."""
+    array = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), allow_pickle=False)
+    if views is not None:
+        array = array[views]  # fancy indexing copies, so the array is writable
+    if filter_name == schema.ROW_DELTA:
+        # A loop over rows, vectorised over views/channels/columns: ~10x faster than np.cumsum.
+        for r in range(1, array.shape[-2]):
+            np.add(array[..., r, :], array[..., r - 1, :], out=array[..., r, :])
+    elif filter_name != schema.NO_FILTER:
+        raise SampleError(UNDECODABLE, f"unknown array filter {filter_name!r}")
+    return array
+
+
+def encode_sample(sample: ObjectSample, enc: schema.ShardEncoding = schema.ShardEncoding()) -> dict:
+    """ObjectSample -> {"__key__": id, schema key: bytes} for a tar writer."""
+    meta = dict(sample.meta, shard_encoding=dataclasses.asdict(enc))
+    out = {"__key__": schema.safe_object_id(sample.object_id),
+           schema.KEY_RGB: _encode_array(sample.rgba, enc), schema.KEY_NORMAL: _encode_array(sample.normal, enc),
+           schema.KEY_MASK: _encode_array(sample.mask, enc),
+           schema.KEY_CAMERAS: json.dumps(sample.cameras.to_json()).encode(),
+           schema.KEY_META: json.dumps(meta).encode()}
+    if sample.depth is not None:
+        out[schema.KEY_DEPTH] = _encode_array(sample.depth, enc)
+    return out
+
+
+def stored_num_views(raw: dict) -> int:
+    """How many views a shard sample stores (from its meta.json), without decoding images."""
+    try:
+        return int(json.loads(raw[schema.KEY_META])["num_views"])
+    except KeyError as err:
+        raise SampleError(MISSING_KEY, f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}: "
+                                       f"missing {err}") from err
+    except (ValueError, TypeError) as err:
+        raise SampleError(UNDECODABLE, f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}: "
+                                       f"{schema.KEY_META}: {err}") from err
+
+
+def decode_sample(raw: dict, views: list[int] | None = None) -> ObjectSample:
+    """WebDataset sample {key: bytes} -> ObjectSample (only `views`, in that order, when given).
+
+    Raises SampleError(MISSING_KEY / UNDECODABLE / INVALID) naming the sample and the key.
+    """
+    name = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
+    missing = [k for k in schema.SHARD_REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise SampleError(MISSING_KEY, f"{name}: missing {', '.join(missing)}")
+    key = schema.KEY_META
+    try:
+        meta = json.loads(raw[key])
+        filter_name = meta["shard_encoding"]["filter"]
+        key = schema.KEY_CAMERAS
+        cameras = Cameras.from_json(json.loads(raw[key]))
+        if views is not None:
+            views = [int(v) for v in views]
+            if max(views, default=0) >= len(cameras) or min(views, default=0) < 0:
+                raise SampleError(INVALID, f"{name}: views {views} out of range for {len(cameras)} views")
+        arrays = {}
+        for key in schema.ARRAY_KEYS:
+            if key in raw:
+                arrays[key] = _decode_array(raw[key], filter_name, views)
+    except SampleError:
+        raise
+    except Exception as err:  # zstd, npy, JSON and key errors all mean "cannot decode this entry"
+        raise SampleError(UNDECODABLE, f"{name}: {key}: {type(err).__name__}: {err}") from err
+    sample = ObjectSample(meta.get("object_id", raw["__key__"]), arrays[schema.KEY_RGB], arrays[schema.KEY_NORMAL],
+                          arrays[schema.KEY_MASK], cameras, meta, arrays.get(schema.KEY_DEPTH), views)
+    try:
+        return sample.validate()
+    except SampleError as err:
+        raise SampleError(err.reason, f"{name}: {err}") from err
+
+
+# --- reading shards ------------------------------------------------------------------------
+class ShardReadError(Nova3DError):
+    """A shard that cannot be read to its end (missing, truncated, not a tar)."""
+
+    def __init__(self, url: str, samples_read: int, cause: BaseException):
+        super().__init__(f"{url}: truncated or unreadable tar after {samples_read} samples "
+                         f"({type(cause).__name__}: {cause})")
+        self.url, self.samples_read = url, samples_read
+
+
+class _TailTracker:
+    """Read-only stream wrapper that keeps the last bytes read (to find the end-of-archive marker)."""
+
+    def __init__(self, stream):
+        self.stream, self.tail = stream, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.tail = (self.tail + data)[-_TAR_END_MARKER:]
+        return data
+
+
+_TAR_END_MARKER = 1024  # a tar ends with two zero blocks
+
+
+def iter_tar_samples(url: str) -> Iterator[dict]:
+    """Samples {"__key__", "__url__", suffix: bytes} of one shard, grouped as WebDataset does.
+
+    Raises ShardReadError once, after the samples before the damage (the sample being read
+    when the tar broke is dropped). Written here rather than using wds.tarfile_to_samples,
+    whose handler sees one truncation twice (per member, then per shard) without the url, and
+    because tarfile takes a tar cut at a header for a complete one: we check the end marker.
+    """
+    count, current = 0, {}
+    try:
+        with gopen(url, "rb") as raw_stream:
+            stream = _TailTracker(raw_stream)
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    tar.members = []  # stream mode keeps every header otherwise
+                    key, suffix = base_plus_ext(member.name)
+                    if not member.isreg() or key is None or key.startswith("__"):
+                        continue
+                    if current and key != current["__key__"]:
+                        yield current
+                        count, current = count + 1, {}
+                    current.setdefault("__key__", key)
+                    current.setdefault("__url__", url)
+                    current[suffix.lower()] = tar.extractfile(member).read()
+            while stream.read(1 << 16):  # the rest is padding
+                pass
+            if stream.tail != bytes(_TAR_END_MARKER):
+                raise tarfile.ReadError("no end-of-archive marker (truncated)")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise ShardReadError(url, count, err) from err
+    if current:
+        yield current
+
+
+# --- manifest and shard lists -------------------------------------------------------------
+@dataclass
+class ShardInfo:
+    """One shard as recorded in manifest.json."""
+
+    name: str  # file name, relative to the manifest's folder
+    split: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    objects: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """manifest.json of a shard folder (written last, atomically, by write_shards)."""
+
+    encoding: dict
+    shards: list[ShardInfo]
+    splits: dict  # split -> {"pattern": brace pattern, "num_shards": n, "num_samples": n}
+    rejected: list[dict] = field(default_factory=list)  # {"object_id", "path", "reason", "detail"}
+    render_dir: str = ""
+    format: str = schema.SHARD_FORMAT
+    format_version: int = schema.SHARD_FORMAT_VERSION
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / schema.MANIFEST_FILE
+        schema.write_json_atomic(path, dataclasses.asdict(self))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        path = Path(path)
+        if path.is_dir():
+            path = path / schema.MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != schema.SHARD_FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, not {schema.SHARD_FORMAT!r}")
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            return cls(**data)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise Nova3DError(f"{path}: not a valid shard manifest ({err})") from err
+
+    def shard_names(self, split: str | None = None) -> list[str]:
+        return [s.name for s in self.shards if split is None or s.split == split]
+
+
+def find_manifest(spec: str | os.PathLike) -> Path | None:
+    """The manifest.json beside a shard spec (folder, manifest, .tar or brace pattern), if any."""
+    path = Path(str(spec))
+    candidates = [path] if path.name == schema.MANIFEST_FILE else [path / schema.MANIFEST_FILE,
+                                                                   path.parent / schema.MANIFEST_FILE]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def resolve_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
+    """Shard paths named by `spec`, in order.
+
+    `spec`: a brace pattern or .tar path; a folder (its manifest's `split` shards when it has a
+    manifest and `split` is given, else every *.tar in it); a manifest.json; a text file listing
+    one shard per line (relative to the file); or a list of any of these.
+    """
+    if isinstance(spec, (list, tuple)):
+        return [p for item in spec for p in resolve_shards(item, split)]
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir() or path.name == schema.MANIFEST_FILE:
+        manifest_path = find_manifest(path)
+        if manifest_path is not None and (split is not None or path.name == schema.MANIFEST_FILE):
+            names = Manifest.load(manifest_path).shard_names(split)
+            return [str(manifest_path.parent / n) for n in names]
+        if path.is_dir():
+            return sorted(p for p in glob.glob(str(path / f"*{schema.SHARD_EXT}")))
+    if path.is_file() and not text.endswith(schema.SHARD_EXT):
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return [str(path.parent / ln) for ln in lines]
+    return list(braceexpand.braceexpand(text))
+
+
+def existing_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
+    """resolve_shards, checked: Nova3DError when nothing matches or a named shard is missing."""
+    shards = resolve_shards(spec, split)
+    missing = [s for s in shards if not Path(s).is_file()]
+    if not shards:
+        raise Nova3DError(f"{spec}: no shards found")
+    if missing:
+        raise Nova3DError(f"{spec}: {len(missing)} of {len(shards)} shards missing, e.g. {missing[0]}")
+    return shards
+
+
+def evenly_spaced_views(total: int, count: int, start: int = 0) -> list[int]:
+    """`count` views spread evenly over an orbit of `total`, starting at `start` (e.g. 6 of 16)."""
+    if not 1 <= count <= total:
+        raise Nova3DError(f"cannot take {count} views of an orbit of {total}")
+    return [(start + math.floor(k * total / count)) % total for k in range(count)]

@@ -1,0 +1,168 @@
+"""From stored views (ObjectSample) to model-ready tensors: view subset and orbit roll,
+resize, compositing on a background, normals re-expressed in the requested frame; and the
+batch dataclass with its collate function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import default_collate, get_worker_info
+
+from nova3d.cameras import NORMAL_FRAMES, convert_normal_frame, scale_intrinsics
+from nova3d.data.shards import ObjectSample
+
+
+@dataclass
+class MultiViewSample:
+    """One object's views, ready for the model. View 0 is the input view."""
+
+    object_id: str
+    input_image: Tensor  # [3, H, W] in [0, 1]: rgb[0]
+    rgb: Tensor  # [V, 3, H, W] in [0, 1], composited on `background`
+    normals: Tensor  # [V, 3, H, W] in [-1, 1]: unit normals on the object, 2 * background - 1 elsewhere
+    masks: Tensor  # [V, 1, H, W] in [0, 1] (fractional at edges after resizing)
+    c2w: Tensor  # [V, 4, 4] opengl camera-to-world (nova3d.cameras)
+    K: Tensor  # [V, 3, 3] intrinsics in pixels of the resized image
+    azimuth_deg: Tensor  # [V]
+    elevation_deg: Tensor  # [V]
+    view_indices: Tensor  # [V] long: the stored orbit's view index of each view
+    background: Tensor  # [3] in [0, 1]
+
+
+@dataclass
+class MultiViewBatch:
+    """A batch of MultiViewSample (B first). Lightning moves it with `to` (it is _TransferableDataType)."""
+
+    object_ids: list[str]
+    input_image: Tensor  # [B, 3, H, W]
+    rgb: Tensor  # [B, V, 3, H, W]
+    normals: Tensor  # [B, V, 3, H, W]
+    masks: Tensor  # [B, V, 1, H, W]
+    c2w: Tensor  # [B, V, 4, 4]
+    K: Tensor  # [B, V, 3, 3]
+    azimuth_deg: Tensor  # [B, V]
+    elevation_deg: Tensor  # [B, V]
+    view_indices: Tensor  # [B, V]
+    background: Tensor  # [B, 3]
+
+    def __len__(self) -> int:
+        return len(self.object_ids)
+
+    def _map(self, fn) -> "MultiViewBatch":
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), Tensor)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MultiViewBatch":
+        """Every tensor field on `device` (what Lightning's move_data_to_device calls)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "MultiViewBatch":
+        """Called by DataLoader(pin_memory=True)."""
+        return self._map(Tensor.pin_memory)
+
+
+def collate_multiview(samples: Sequence[MultiViewSample]) -> MultiViewBatch:
+    """Stack samples with the same view count and resolution into a MultiViewBatch.
+
+    default_collate stacks straight into shared memory inside a DataLoader worker, which saves
+    the copy that sending the batch to the main process would otherwise make; a single sample
+    in the main process needs no copy at all (~70 ms for 16 views at 512²).
+    """
+    fields = {f.name for f in dataclasses.fields(MultiViewSample)} - {"object_id"}
+    if len(samples) == 1 and get_worker_info() is None:
+        stack = lambda tensors: tensors[0].unsqueeze(0)  # noqa: E731
+    else:
+        stack = default_collate
+    return MultiViewBatch(object_ids=[s.object_id for s in samples],
+                          **{name: stack([getattr(s, name) for s in samples]) for name in fields})
+
+
+class Scratch:
+    """Temporary buffers kept between samples: a new 50 MB buffer costs ~10 ms of page faults."""
+
+    def __init__(self):
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, slot: str, shape: Sequence[int]) -> Tensor:
+        """An uninitialised float32 tensor of `shape`, reusing the memory of the last `slot`."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[slot] = torch.empty(numel)
+        return buf[:numel].view(*shape)
+
+
+def normal_rotation(c2w: Tensor, src: str, dst: str, input_view: int = 0) -> Tensor:
+    """[V, 3, 3] matrices M with n_dst = M @ n_src for the views c2w [V, 4, 4] (cameras.py frames)."""
+    basis = torch.eye(3).expand(c2w.shape[0], 3, 3)  # row i is e_i, so the result's rows are M e_i
+    return convert_normal_frame(basis, c2w.float(), src, dst, input_view).transpose(-1, -2)
+
+
+def make_views(obj: ObjectSample, views: Sequence[int], *, resolution: int, normal_frame: str,
+               background: Tensor, scratch: Scratch | None = None) -> MultiViewSample:
+    """Model tensors of `obj`'s stored views `views` (views[0] becomes the input view).
+
+    `obj` must hold those views (all of them, or decode_sample(raw, views) with the same list).
+    background: [3] in [0, 1]. Normals are re-expressed in `normal_frame` of the new orbit.
+    scratch: temporary buffers to reuse across calls (a loader keeps one per worker).
+    """
+    if normal_frame not in NORMAL_FRAMES:
+        raise ValueError(f"unknown normal frame {normal_frame!r}; expected one of {NORMAL_FRAMES}")
+    held = obj.views if obj.views is not None else list(range(len(obj.cameras)))
+    pick = [held.index(v) for v in views]  # ValueError when obj lacks a view
+    idx = torch.as_tensor(list(views), dtype=torch.long)
+    full = obj.cameras
+    # Stored frame -> world is defined on the stored orbit; world -> `normal_frame` on the new one.
+    to_world = normal_rotation(full.c2w, full.normal_frame, "world", full.input_view)[idx]
+    c2w = full.c2w[idx]
+    rot = normal_rotation(c2w, "world", normal_frame, 0) @ to_world
+
+    size = obj.rgba.shape[-1]
+    rgb, normals, mask = _composite(obj, pick, rot, resolution, background.float(), scratch or Scratch())
+    return MultiViewSample(
+        object_id=obj.object_id, input_image=rgb[0].clone(), rgb=rgb, normals=normals, masks=mask,
+        c2w=c2w.float(), K=scale_intrinsics(full.K[idx].float(), resolution / size),
+        azimuth_deg=full.azimuth_deg[idx], elevation_deg=full.elevation_deg[idx], view_indices=idx,
+        background=background.float().clone())
+
+
+def _composite(obj: ObjectSample, pick: list[int], rot: Tensor, resolution: int, bg: Tensor,
+               scratch: Scratch) -> tuple[Tensor, Tensor, Tensor]:
+    """rgb, normals, mask ([V, C, R, R] float) of the picked views, composited on bg [3].
+
+    Colour and normals are premultiplied by their coverage before resizing, so edges never mix
+    in the stored background. In-place ops on whole planes: at 16 x 512² this is the DataModule's
+    main cost (`norm(dim=1)` alone took 0.5 s; new buffers cost page faults).
+    """
+    every = pick == list(range(obj.rgba.shape[0]))  # obj holds exactly these views: no gather copy
+    rgba = obj.rgba if every else obj.rgba[pick]
+    V, _, S, _ = rgba.shape
+    rgb = torch.from_numpy(rgba[:, :3]).float()
+    alpha = scratch.take("alpha", (V, 1, S, S)).copy_(torch.from_numpy(rgba[:, 3:])).mul_(1 / 255)
+    rgb.mul_(alpha).mul_(1 / 255)  # premultiplied
+    mask = torch.from_numpy(obj.mask if every else obj.mask[pick]).float().mul_(1 / 255).unsqueeze(1)
+    normal = scratch.take("normal", (V, 3, S, S)).copy_(torch.from_numpy(obj.normal if every else obj.normal[pick]))
+    normal.mul_(2 / 65535).sub_(1).mul_(mask)
+    if resolution != obj.rgba.shape[-1]:
+        stack = F.interpolate(torch.cat([rgb, alpha, normal, mask], dim=1), size=(resolution, resolution),
+                              mode="bilinear", antialias=True, align_corners=False)
+        rgb, alpha, normal, mask = (stack[:, :3].contiguous(), stack[:, 3:4], stack[:, 4:7],
+                                    stack[:, 7:].contiguous())
+    normal = torch.bmm(rot, normal.reshape(V, 3, -1)).view(V, 3, resolution, resolution)
+    plane = torch.mul(normal[:, 0], normal[:, 0], out=scratch.take("plane", (V, resolution, resolution)))
+    plane.addcmul_(normal[:, 1], normal[:, 1]).addcmul_(normal[:, 2], normal[:, 2])
+    normal.mul_(plane.clamp_min_(1e-16).rsqrt_().unsqueeze(1).mul_(mask))  # unit, times coverage
+    uncovered = plane.copy_(mask[:, 0]).neg_().add_(1)
+    one_minus_alpha = alpha.neg_().add_(1)[:, 0]
+    for c in range(3):
+        normal[:, c].add_(uncovered, alpha=2 * float(bg[c]) - 1)
+        rgb[:, c].add_(one_minus_alpha, alpha=float(bg[c]))
+    normal.clamp_(-1, 1)
+    rgb.clamp_(0, 1)
+    return rgb, normal, mask
