@@ -12,7 +12,7 @@ DEMO_OUT ?= outputs/demo
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test test-fast demo tensorboard clean
+.PHONY: help setup lock test test-fast demo train tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ demo: setup ## render the built-in objects, pack shards, write a contact sheet t
 	$(BIN)/python -m data_prep.write_shards $(DEMO_OUT)/renders --out $(DEMO_OUT)/shards
 	$(BIN)/nova3d inspect-shards $(DEMO_OUT)/shards
 	$(BIN)/nova3d contact-sheet $(DEMO_OUT)/shards --out $(DEMO_OUT)/contact_sheet.png
+
+train: setup ## train an experiment: make train EXP=gta_full ARGS="trainer.max_steps=10" (EXP defaults to tiny)
+	$(BIN)/python -m nova3d.train $(EXP) $(ARGS)
 
 tensorboard: setup ## TensorBoard over every run under runs/
 	$(BIN)/tensorboard --logdir runs --bind_all

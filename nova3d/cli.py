@@ -31,6 +31,12 @@ def _contact_sheet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from nova3d.train import main as train_main
+
+    return train_main([args.experiment, *args.overrides])
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova3d", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,6 +48,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = add("config", "print an experiment's fully resolved config", _config)
     p.add_argument("experiment", help="name under experiments/ (e.g. tiny, ablations/no_gta) or a .yaml path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
+
+    p = add("train", "train the multi-view diffusion model (same as python -m nova3d.train)", _train)
+    p.add_argument("experiment", help="name under experiments/ (e.g. tiny, gta_full) or a .yaml path")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
 
     p = add("inspect-shards", "count samples, keys and shapes in WebDataset shards; exit 1 if broken",

@@ -64,12 +64,18 @@ class SystemConfig:
     ema_decay: Optional[float] = None  # e.g. 0.9999; None disables EMA
     p_mean: float = 0.7  # training log-sigma ~ N(p_mean, p_std)
     p_std: float = 1.6
-    noise_aug_strength: float = 0.02  # noise on the conditioning image latent
+    noise_aug_strength: float = 0.02  # noise on the conditioning image latent (also an added time id)
+    fps: int = 7  # as StableVideoDiffusionPipeline's argument: the UNet's fps time id is fps - 1
+    motion_bucket_id: int = 127  # SVD's added time id; the pipeline's default
     cond_dropout: float = 0.1  # drop the image condition for classifier-free guidance
     loss_weights: dict[str, float] = field(default_factory=lambda: {"rgb": 1.0, "normal": 1.0})
     val_num_objects: int = 2
     val_sampling_steps: int = 25
     val_guidance: list[float] = field(default_factory=lambda: [1.0, 3.0])  # min, max over frames
+    val_guidance_schedule: str = "triangle"  # "triangle" (min at the input view), "linear" or "constant"
+    # Validation loss: the EDM loss at these fixed σ (same noise every time), averaged, so runs compare.
+    # Default: about the 10/30/50/70/90 % quantiles of the training σ for p_mean=0.7, p_std=1.6.
+    val_sigmas: list[float] = field(default_factory=lambda: [0.25, 0.9, 2.0, 4.6, 16.0])
 
 
 @dataclass
@@ -85,6 +91,8 @@ class TrainerConfig:
     val_check_interval: int = 1000  # in training steps
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 1000
+    limit_val_batches: Optional[int] = None  # validation batches per rank; None: every validation object
+    num_sanity_val_steps: int = 1  # validation batches run before training, to fail early (0: none)
 
 
 @dataclass

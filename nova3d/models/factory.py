@@ -1,0 +1,109 @@
+"""Build the trainable GTA-UNet and the frozen Conditioner (CLIP + VAE) from a ModelConfig.
+
+`model.pretrained` set: both come from that SVD(-xt) diffusers folder (or hub id when online).
+`model.pretrained` null: random weights of `model.architecture`, chosen from ARCHITECTURES
+(a plain dict, DESIGN.md §3.3): "tiny" for CPU tests, "svd_xt" for the real shapes without
+weights (benchmarks, memory checks). Nothing here downloads unless `pretrained` is a hub id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from nova3d.config import ModelConfig
+from nova3d.errors import Nova3DError
+from nova3d.models.conditioning import Conditioner, build_tiny_conditioner, load_conditioning
+from nova3d.models.gta import GTAConfig
+from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config
+from nova3d.models.unet import build_gta_unet, load_gta_unet
+
+DOMAINS = ("rgb", "normal")  # every known domain, in the UNet's domain-major order (0 = RGB)
+
+
+def svd_xt_clip_config() -> dict[str, Any]:
+    """`image_encoder/config.json` of SVD-xt (OpenCLIP ViT-H/14 vision tower), written out."""
+    return dict(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
+                num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def svd_xt_vae_config() -> dict[str, Any]:
+    """`vae/config.json` of SVD-xt (AutoencoderKLTemporalDecoder, 8x downsampling), written out."""
+    return dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=768,
+                scaling_factor=0.18215, force_upcast=True)
+
+
+def build_svd_xt_conditioner(seed: int = 0) -> Conditioner:
+    """Random CLIP ViT-H + SVD VAE with the real shapes (about 0.7 B parameters)."""
+    torch.manual_seed(seed)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**svd_xt_clip_config()))
+    vae = AutoencoderKLTemporalDecoder(**svd_xt_vae_config())
+    return Conditioner(image_encoder, vae, CLIPImageProcessor())
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A random-weights model family: the UNet config and a matching Conditioner builder."""
+
+    unet_config: Callable[[], dict[str, Any]]
+    build_conditioner: Callable[[int], Conditioner]  # seed -> Conditioner
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "tiny": Architecture(tiny_unet_config, build_tiny_conditioner),
+    "svd_xt": Architecture(svd_xt_unet_config, build_svd_xt_conditioner),
+}
+
+
+@dataclass
+class DiffusionComponents:
+    unet: UNetSpatioTemporalConditionModel  # with GTA installed (unet.gta_config)
+    conditioner: Conditioner  # frozen
+
+
+def check_domains(domains: list[str]) -> None:
+    """Nova3DError unless `domains` is a subsequence of DOMAINS starting with "rgb" (domain 0 = RGB)."""
+    if not domains or domains[0] != "rgb" or list(domains) != [d for d in DOMAINS if d in domains]:
+        raise Nova3DError(f"model.domains must start with 'rgb' and keep the order {list(DOMAINS)}, "
+                          f"got {list(domains)}")
+
+
+def gta_config(cfg: ModelConfig) -> GTAConfig:
+    check_domains(cfg.domains)
+    return GTAConfig(spatial=cfg.gta_spatial, temporal=cfg.gta_temporal, num_domains=len(cfg.domains))
+
+
+def check_compatible(unet: torch.nn.Module, conditioner: Conditioner) -> None:
+    """The UNet must take [noisy latent, condition latent] channels and the CLIP embedding size."""
+    c = unet.config
+    if c.in_channels != 2 * conditioner.latent_channels or c.cross_attention_dim != conditioner.embed_dim:
+        raise Nova3DError(
+            f"UNet (in_channels={c.in_channels}, cross_attention_dim={c.cross_attention_dim}) does not fit the "
+            f"conditioner (latent_channels={conditioner.latent_channels}, embed_dim={conditioner.embed_dim})")
+
+
+def build_components(cfg: ModelConfig, seed: int = 0) -> DiffusionComponents:
+    """GTA-UNet + Conditioner as `cfg` asks. Random weights are drawn from `seed` (global RNG untouched)."""
+    gta = gta_config(cfg)
+    if cfg.pretrained:
+        try:
+            unet = load_gta_unet(cfg.pretrained, gta)
+        except (OSError, ValueError) as err:
+            raise Nova3DError(f"cannot load the SVD UNet from {cfg.pretrained}: {err}") from err
+        conditioner = load_conditioning(cfg.pretrained)
+    else:
+        arch = ARCHITECTURES.get(cfg.architecture)
+        if arch is None:
+            raise Nova3DError(f"model.architecture must be one of {sorted(ARCHITECTURES)}, got {cfg.architecture!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = build_gta_unet(arch.unet_config(), gta)
+            conditioner = arch.build_conditioner(seed)
+    check_compatible(unet, conditioner)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return DiffusionComponents(unet, conditioner)
