@@ -1,4 +1,4 @@
-"""Shared pytest configuration: the `gpu` marker skips on machines without CUDA."""
+"""Shared pytest configuration: the `gpu` marker skips on machines without CUDA; fixtures."""
 import pytest
 import torch
 
@@ -10,3 +10,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: on a shared 2-core machine, torch's thread pool costs ~100x more than it saves."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -11,16 +11,9 @@ from nova3d.models import conditioning as C
 from nova3d.models.edm import svd_xt_scheduler_config
 from nova3d.models.svd_configs import tiny_unet_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, F, H, W = 2, 3, 16, 16  # tiny: this CPU is slow and shared
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: on a shared 2-core machine, torch's thread pool costs ~100x more than it saves."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,9 @@ from diffusers import EulerDiscreteScheduler
 
 from nova3d.models import edm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (2, 4, 4, 8, 8)  # [B, F, C, h, w]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: on a shared 2-core machine, torch's thread pool costs ~100x more than it saves."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _svd_scheduler(num_steps: int) -> EulerDiscreteScheduler:
