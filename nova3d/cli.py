@@ -37,6 +37,16 @@ def _train(args: argparse.Namespace) -> int:
     return train_main([args.experiment, *args.overrides])
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from nova3d.generate import GenerateSettings, generate_object
+
+    settings = GenerateSettings(steps=args.steps, seed=args.seed, guidance=tuple(args.guidance),
+                                schedule=args.schedule, device=args.device)
+    folder = generate_object(args.image, args.model, args.out, settings)
+    print(f"wrote {folder}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova3d", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,6 +72,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", help="a shard directory, a .tar file, or a brace pattern")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--index", type=int, default=0, help="which sample (in shard order)")
+
+    p = add("generate", "generate RGB + normal orbit views of one image into an object folder", _generate)
+    p.add_argument("--image", required=True, help="input image: an RGBA PNG (or RGB on a uniform background)")
+    p.add_argument("--model", required=True, help="a folder written by Nova3DPipeline.save_pretrained")
+    p.add_argument("--out", required=True, help="parent folder: the views go to OUT/<image name>/")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, nargs=2, default=[1.0, 3.0], metavar=("MIN", "MAX"),
+                   help="classifier-free guidance scale range over the views")
+    p.add_argument("--schedule", default="triangle", choices=["triangle", "linear", "constant"],
+                   help="guidance over the views: triangle (min at the input view), linear, constant")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
 

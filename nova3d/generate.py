@@ -1,0 +1,161 @@
+"""`nova3d generate`: one image -> an object folder of generated views (nova3d.data.schema).
+
+The folder has the layout of the Blender renders, so fusion and the shard writer read both
+alike: rgb/ RGBA8 (straight colour; alpha = the pipeline's coverage estimate), normal/ RGB16
+(n + 1)/2 in the input-view frame (0 -> 0.5 off the object, as the renders store it), mask/ L8
+(coverage >= 0.5), cameras.json (nova3d.cameras.orbit_cameras with the pipeline's orbit),
+meta.json (source "generated:<model folder>"). Written as <id>.partial, then renamed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import PIL.Image
+import torch
+
+from nova3d.data import schema
+from nova3d.errors import Nova3DError
+
+GUIDANCE_SCHEDULES = ("triangle", "linear", "constant")
+PIPELINE_CLASS = "Nova3DPipeline"
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    steps: int = 25
+    seed: int = 0
+    guidance: tuple[float, float] = (1.0, 3.0)  # (min, max) per-frame CFG scale
+    schedule: str = "triangle"
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise Nova3DError(f"--steps must be >= 1, got {self.steps}")
+        if self.schedule not in GUIDANCE_SCHEDULES:
+            raise Nova3DError(f"--schedule must be one of {GUIDANCE_SCHEDULES}, got {self.schedule!r}")
+        if len(self.guidance) != 2 or min(self.guidance) < 0:
+            raise Nova3DError(f"--guidance takes MIN MAX (non-negative), got {list(self.guidance)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise Nova3DError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Nova3DError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def check_model_dir(model: str | Path) -> tuple[Path, dict]:
+    """(model folder, its model_index.json), or a Nova3DError saying why it is not a saved Nova3DPipeline."""
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        raise Nova3DError(f"model folder {root} does not exist")
+    index = root / "model_index.json"
+    try:
+        config = json.loads(index.read_text())
+        class_name = config.get("_class_name")
+    except (OSError, ValueError) as err:
+        raise Nova3DError(f"{root} is not a pipeline folder: cannot read {index.name} ({err})") from err
+    if class_name != PIPELINE_CLASS:
+        raise Nova3DError(f"{root} holds a {class_name} folder, not a {PIPELINE_CLASS} (save one with "
+                          "Nova3DPipeline.save_pretrained)")
+    return root, config
+
+
+def load_pipeline(model: str | Path, device: torch.device):
+    from diffusers.utils import is_accelerate_available
+
+    from nova3d.pipeline import Nova3DPipeline
+
+    root, _ = check_model_dir(model)
+    try:  # low_cpu_mem_usage needs accelerate; saying so avoids diffusers' warning without it
+        pipe = Nova3DPipeline.from_pretrained(str(root), low_cpu_mem_usage=is_accelerate_available())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise Nova3DError(f"cannot load the pipeline from {root}: {str(err).splitlines()[0]}") from err
+    return pipe.to(device)
+
+
+def generate_object(image: str | Path, model: str | Path, out: str | Path,
+                    settings: GenerateSettings = GenerateSettings(), object_id: Optional[str] = None) -> Path:
+    """Generate the views of `image` with the pipeline saved in `model`; returns out/<object_id>/."""
+    from nova3d.preprocess import prepare_image
+
+    settings.check()
+    device = resolve_device(settings.device)
+    model_root, config = check_model_dir(model)  # cheap checks first: fail before loading any weights
+    try:
+        object_id = schema.safe_object_id(object_id or Path(image).stem)
+    except ValueError as err:
+        raise Nova3DError(str(err)) from err
+    out = Path(out)
+    final = out / object_id
+    if final.exists():
+        raise Nova3DError(f"{final} already exists; remove it or choose another --out")
+    try:
+        orbit = {k: config[k] for k in ("resolution", "fov_deg", "radius")}
+    except KeyError as err:
+        raise Nova3DError(f"{model_root}/model_index.json lacks {err}") from err
+    prepared = prepare_image(image, size=orbit["resolution"], fov_deg=orbit["fov_deg"], radius=orbit["radius"])
+    pipe = load_pipeline(model_root, device)
+    if pipe.num_domains < 2:
+        raise Nova3DError(f"{model_root} generates RGB only; an object folder needs normal maps")
+    generator = torch.Generator().manual_seed(settings.seed)  # CPU: the same seed gives the same views anywhere
+    result = pipe(prepared.image, num_inference_steps=settings.steps, guidance=settings.guidance,
+                  guidance_schedule=settings.schedule, generator=generator, output_type="pt",
+                  progress=settings.progress)
+    cameras = result.cameras
+    cameras.extra = {"object_id": object_id, "start_azimuth_deg": 0.0, "generated": True}
+    meta = schema.ObjectMeta(
+        object_id=object_id, source=f"generated:{model_root.resolve()}", num_views=len(cameras),
+        resolution=pipe.config.resolution, normalisation={},
+        renderer={"name": "nova3d.pipeline", "class": PIPELINE_CLASS, "gta": dict(pipe.config.gta)},
+        settings={**{k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"}, "guidance": list(settings.guidance), "device": str(device),
+                  "image": prepared.source, "preprocess": {"fill": prepared.fill, "bbox": list(prepared.bbox),
+                                                           "background_removed": prepared.background_removed},
+                  "fov_deg": pipe.config.fov_deg, "radius": pipe.config.radius,
+                  "elevation_deg": [pipe.config.elevation_deg], "normal_frame": cameras.normal_frame,
+                  "background": "white", "mask": "normal-map coverage >= 0.5 (nova3d.pipeline.normal_coverage)"})
+    write_object_folder(out, object_id, result.rgb[0], result.normals[0], result.masks[0], cameras, meta)
+    return final
+
+
+def write_object_folder(out: Path, object_id: str, rgb: torch.Tensor, normals: torch.Tensor, masks: torch.Tensor,
+                        cameras, meta: schema.ObjectMeta) -> Path:
+    """Write one object's views atomically. rgb, normals: [F, 3, H, W]; masks: [F, 1, H, W] coverage."""
+    from nova3d.data.shards import encode_png16
+    from nova3d.pipeline import MASK_THRESHOLD
+
+    partial, final = out / (object_id + schema.TMP_SUFFIX), out / object_id
+    shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted run
+    for sub in (schema.RGB_DIR, schema.NORMAL_DIR, schema.MASK_DIR):
+        (partial / sub).mkdir(parents=True)
+    rgb, normals, alpha = rgb.float().cpu(), normals.float().cpu(), masks.float().cpu().clamp(0, 1)
+    # Straight colour: the decoded views are composited on white, c = a·s + (1 − a).
+    straight = ((rgb - (1 - alpha)) / alpha.clamp_min(1 / 255)).clamp(0, 1)
+    straight = torch.where(alpha > 1 / 255, straight, rgb)
+    binary = alpha >= MASK_THRESHOLD
+    stored_normals = torch.where(binary, normals, torch.zeros_like(normals))
+    for i in range(rgb.shape[0]):
+        name = schema.view_name(i)
+        rgba = torch.cat([straight[i], alpha[i]]).permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy()
+        PIL.Image.fromarray(rgba, "RGBA").save(partial / schema.RGB_DIR / name)
+        encoded = ((stored_normals[i].permute(1, 2, 0) + 1) / 2 * 65535).round().clamp(0, 65535)
+        (partial / schema.NORMAL_DIR / name).write_bytes(encode_png16(encoded.numpy().astype(np.uint16)))
+        mask = binary[i, 0].numpy().astype(np.uint8) * 255
+        PIL.Image.fromarray(mask, "L").save(partial / schema.MASK_DIR / name)
+    cameras.save(partial / schema.CAMERAS_FILE)
+    meta.save(partial / schema.META_FILE)
+    partial.rename(final)
+    return final
+
