@@ -65,13 +65,17 @@ def _make_shards(root: Path, resolution: int, count: int) -> tuple[Path, float, 
     return root / "shards", seconds, sum(s.num_bytes for s in summary.shards) / summary.num_samples
 
 
-def loader_samples_per_second(shards: Path, resolution: int, workers: int, batches: int) -> float:
-    """Training loader throughput (16 views, batch 1), after the workers have started."""
+def loader_samples_per_second(shards: Path, resolution: int, workers: int, batches: int,
+                              packed: bool = False) -> float:
+    """Training loader throughput (16 views, batch 1), after the workers have started: MultiViewBatch
+    unpacked on the CPU in this process, or (packed) the PackedBatch a Trainer gets, to be unpacked
+    by on_after_batch_transfer on its device."""
     cfg = DataConfig(train_shards=str(shards), resolution=resolution, num_views=VIEWS, batch_size=1,
                      num_workers=workers, samples_per_epoch=batches + 2 * workers + 2, shuffle_buffer=4)
     dm = MultiViewDataModule(cfg)
     dm.setup("fit")
-    it = iter(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    it = iter(getattr(loader, "loader", loader) if packed else loader)
     for _ in range(2 * workers + 2):  # warm-up: worker start and the first samples of each
         next(it)
     start = time.perf_counter()
@@ -155,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                 rate = loader_samples_per_second(shards, res, workers, batches)
                 figures["samples_per_s"][res][workers] = round(rate, 2)
                 print(f"{res}²  {workers} worker(s): {rate:6.2f} samples/s", flush=True)
+                rate = loader_samples_per_second(shards, res, workers, batches, packed=True)
+                figures.setdefault("packed_samples_per_s", {}).setdefault(res, {})[workers] = round(rate, 2)
+                print(f"{res}²  {workers} worker(s): {rate:6.2f} samples/s packed (unpacked on the device)",
+                      flush=True)
             if res == 512:
                 figures["encodings_512"] = encoding_comparison(Path(tmp) / "512" / "renders" / "obj0", repeat)
                 for name, row in figures["encodings_512"].items():

@@ -12,7 +12,7 @@ from nova3d.cameras import convert_normal_frame, intrinsics
 from nova3d.config import DataConfig
 from nova3d.data.datamodule import MultiViewDataModule, SkipCounter, resolve_num_workers
 from nova3d.data.shards import read_object_folder
-from nova3d.data.views import MultiViewBatch, make_views
+from nova3d.data.views import MultiViewBatch, PackedBatch, collate_packed, make_views, pack_views, unpack_batch
 from nova3d.errors import Nova3DError
 from tests.helpers_objects import make_object_folder, rewrite_tar, synthetic_views
 
@@ -240,3 +240,30 @@ def test_lightning_fit_and_validate_with_the_datamodule(shards):
         trainer.fit(probe, datamodule=MultiViewDataModule(_cfg(shards, samples_per_epoch=4)))
     assert trainer.global_step == 4
     assert probe.seen == ["train", "train", "val", "val", "val", "train", "train", "val", "val", "val"]
+
+
+@pytest.mark.parametrize("resolution", [RES, 16])
+def test_deferred_unpacking_gives_the_direct_tensors(renders, shards, resolution):
+    """Workers hand over PackedBatch; unpacking it (after transfer) gives what make_views gives."""
+    objs = [read_object_folder(renders / f"obj{i}") for i in (1, 4)]
+    views = [[(s + 2 * k) % VIEWS for k in range(4)] for s in (3, 6)]
+    bgs = [torch.tensor([0.2, 0.5, 0.9]), torch.tensor([1.0, 0.0, 0.3])]
+    kw = dict(resolution=resolution, normal_frame="input_view")
+    direct = [make_views(o, v, background=bg, **kw) for o, v, bg in zip(objs, views, bgs)]
+    packed = collate_packed([pack_views(o, v, background=bg, **kw) for o, v, bg in zip(objs, views, bgs)])
+    assert packed.rgba.dtype == torch.uint8 and packed.normal.dtype == torch.uint16
+    batch = unpack_batch(packed)
+    assert isinstance(batch, MultiViewBatch) and batch.object_ids == ["obj1", "obj4"]
+    for f in dataclasses.fields(MultiViewBatch):
+        if f.name != "object_ids":
+            torch.testing.assert_close(getattr(batch, f.name), torch.stack([getattr(d, f.name) for d in direct]),
+                                       atol=1e-6, rtol=0, msg=f.name)
+    # What a Trainer gets from the loaders, unpacked by the DataModule's hook, equals the direct loader.
+    dm = _dm(shards, resolution=resolution, batch_size=2)
+    direct_batch = next(iter(dm.val_dataloader()))
+    raw = next(iter(dm.val_dataloader().loader))
+    assert isinstance(raw, PackedBatch)
+    hooked = dm.on_after_batch_transfer(move_data_to_device(raw, torch.device("cpu")), 0)
+    for f in dataclasses.fields(MultiViewBatch):
+        a, b = getattr(hooked, f.name), getattr(direct_batch, f.name)
+        assert a == b if f.name == "object_ids" else torch.equal(a, b), f.name

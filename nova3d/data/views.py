@@ -89,13 +89,81 @@ class Scratch:
     def __init__(self):
         self._buffers: dict[str, Tensor] = {}
 
-    def take(self, slot: str, shape: Sequence[int]) -> Tensor:
-        """An uninitialised float32 tensor of `shape`, reusing the memory of the last `slot`."""
+    def take(self, slot: str, shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """An uninitialised float32 tensor of `shape` on `device`, reusing the memory of the last `slot`."""
         numel = math.prod(shape)
         buf = self._buffers.get(slot)
-        if buf is None or buf.numel() < numel:
-            buf = self._buffers[slot] = torch.empty(numel)
+        if buf is None or buf.numel() < numel or buf.device != torch.device(device):
+            buf = self._buffers[slot] = torch.empty(numel, device=device)
         return buf[:numel].view(*shape)
+
+
+@dataclass
+class PackedViews:
+    """A MultiViewSample before compositing, as a DataLoader worker hands it over: the stored
+    pixels of the picked views (orbit already rolled) in their compact dtypes (~3x less than
+    float32), plus what `composite` needs. `unpack_batch` turns a batch of them into a MultiViewBatch."""
+
+    object_id: str
+    rgba: Tensor  # [V, 4, S, S] uint8: straight RGB + coverage alpha, at the stored resolution S
+    normal: Tensor  # [V, 3, S, S] uint16: (n + 1) / 2 * 65535 in the stored frame
+    mask: Tensor  # [V, S, S] uint8: 255 = object
+    rot: Tensor  # [V, 3, 3] float: stored frame -> requested normal frame
+    c2w: Tensor  # [V, 4, 4]
+    K: Tensor  # [V, 3, 3] intrinsics in pixels of the resized image
+    azimuth_deg: Tensor  # [V]
+    elevation_deg: Tensor  # [V]
+    view_indices: Tensor  # [V] long
+    background: Tensor  # [3] in [0, 1]
+    resolution: int  # output resolution
+
+
+@dataclass
+class PackedBatch:
+    """A batch of PackedViews (B first). Moves like MultiViewBatch (`to`, `pin_memory`); the
+    DataModule's on_after_batch_transfer makes the MultiViewBatch on the target device."""
+
+    object_ids: list[str]
+    rgba: Tensor  # [B, V, 4, S, S] uint8
+    normal: Tensor  # [B, V, 3, S, S] uint16
+    mask: Tensor  # [B, V, S, S] uint8
+    rot: Tensor  # [B, V, 3, 3]
+    c2w: Tensor  # [B, V, 4, 4]
+    K: Tensor  # [B, V, 3, 3]
+    azimuth_deg: Tensor  # [B, V]
+    elevation_deg: Tensor  # [B, V]
+    view_indices: Tensor  # [B, V]
+    background: Tensor  # [B, 3]
+    resolution: int
+
+    __len__ = MultiViewBatch.__len__
+    _map = MultiViewBatch._map
+    to = MultiViewBatch.to
+    pin_memory = MultiViewBatch.pin_memory
+
+
+def collate_packed(samples: Sequence[PackedViews]) -> PackedBatch:
+    """Stack PackedViews with the same view count and resolutions (into shared memory in a worker)."""
+    if len({s.resolution for s in samples}) != 1:
+        raise ValueError("samples of one batch must share their output resolution")
+    fields = {f.name for f in dataclasses.fields(PackedViews)} - {"object_id", "resolution"}
+    if len(samples) == 1 and get_worker_info() is None:
+        stack = lambda tensors: tensors[0].unsqueeze(0)  # noqa: E731
+    else:
+        stack = default_collate
+    return PackedBatch(object_ids=[s.object_id for s in samples], resolution=samples[0].resolution,
+                       **{name: stack([getattr(s, name) for s in samples]) for name in fields})
+
+
+def unpack_batch(batch: PackedBatch, scratch: Scratch | None = None) -> MultiViewBatch:
+    """The MultiViewBatch of a PackedBatch, computed on the batch's device (the one function that
+    composites for the loaders; make_views uses the same `composite`)."""
+    rgb, normals, masks = composite(batch.rgba, batch.normal, batch.mask, batch.rot, batch.background,
+                                    batch.resolution, scratch)
+    return MultiViewBatch(object_ids=list(batch.object_ids), input_image=rgb[:, 0].clone(), rgb=rgb,
+                          normals=normals, masks=masks, c2w=batch.c2w, K=batch.K, azimuth_deg=batch.azimuth_deg,
+                          elevation_deg=batch.elevation_deg, view_indices=batch.view_indices,
+                          background=batch.background.float())
 
 
 def normal_rotation(c2w: Tensor, src: str, dst: str, input_view: int = 0) -> Tensor:
@@ -104,13 +172,12 @@ def normal_rotation(c2w: Tensor, src: str, dst: str, input_view: int = 0) -> Ten
     return convert_normal_frame(basis, c2w.float(), src, dst, input_view).transpose(-1, -2)
 
 
-def make_views(obj: ObjectSample, views: Sequence[int], *, resolution: int, normal_frame: str,
-               background: Tensor, scratch: Scratch | None = None) -> MultiViewSample:
-    """Model tensors of `obj`'s stored views `views` (views[0] becomes the input view).
+def pack_views(obj: ObjectSample, views: Sequence[int], *, resolution: int, normal_frame: str,
+               background: Tensor) -> PackedViews:
+    """`obj`'s stored views `views` (views[0] becomes the input view), not yet composited.
 
     `obj` must hold those views (all of them, or decode_sample(raw, views) with the same list).
-    background: [3] in [0, 1]. Normals are re-expressed in `normal_frame` of the new orbit.
-    scratch: temporary buffers to reuse across calls (a loader keeps one per worker).
+    background: [3] in [0, 1]. Normals are to be re-expressed in `normal_frame` of the new orbit.
     """
     if normal_frame not in NORMAL_FRAMES:
         raise ValueError(f"unknown normal frame {normal_frame!r}; expected one of {NORMAL_FRAMES}")
@@ -122,47 +189,62 @@ def make_views(obj: ObjectSample, views: Sequence[int], *, resolution: int, norm
     to_world = normal_rotation(full.c2w, full.normal_frame, "world", full.input_view)[idx]
     c2w = full.c2w[idx]
     rot = normal_rotation(c2w, "world", normal_frame, 0) @ to_world
-
+    every = pick == list(range(obj.rgba.shape[0]))  # obj holds exactly these views: no gather copy
+    take = (lambda a: torch.from_numpy(a)) if every else (lambda a: torch.from_numpy(a[pick]))  # noqa: E731
     size = obj.rgba.shape[-1]
-    rgb, normals, mask = _composite(obj, pick, rot, resolution, background.float(), scratch or Scratch())
-    return MultiViewSample(
-        object_id=obj.object_id, input_image=rgb[0].clone(), rgb=rgb, normals=normals, masks=mask,
+    return PackedViews(
+        object_id=obj.object_id, rgba=take(obj.rgba), normal=take(obj.normal), mask=take(obj.mask), rot=rot.float(),
         c2w=c2w.float(), K=scale_intrinsics(full.K[idx].float(), resolution / size),
         azimuth_deg=full.azimuth_deg[idx], elevation_deg=full.elevation_deg[idx], view_indices=idx,
-        background=background.float().clone())
+        background=background.float().clone(), resolution=int(resolution))
 
 
-def _composite(obj: ObjectSample, pick: list[int], rot: Tensor, resolution: int, bg: Tensor,
-               scratch: Scratch) -> tuple[Tensor, Tensor, Tensor]:
-    """rgb, normals, mask ([V, C, R, R] float) of the picked views, composited on bg [3].
+def make_views(obj: ObjectSample, views: Sequence[int], *, resolution: int, normal_frame: str,
+               background: Tensor, scratch: Scratch | None = None) -> MultiViewSample:
+    """Model tensors of `obj`'s stored views `views` (views[0] becomes the input view).
+
+    `obj` must hold those views (all of them, or decode_sample(raw, views) with the same list).
+    background: [3] in [0, 1]. Normals are re-expressed in `normal_frame` of the new orbit.
+    scratch: temporary buffers to reuse across calls.
+    """
+    p = pack_views(obj, views, resolution=resolution, normal_frame=normal_frame, background=background)
+    rgb, normals, mask = composite(p.rgba, p.normal, p.mask, p.rot, p.background, p.resolution, scratch)
+    return MultiViewSample(
+        object_id=p.object_id, input_image=rgb[0].clone(), rgb=rgb, normals=normals, masks=mask, c2w=p.c2w,
+        K=p.K, azimuth_deg=p.azimuth_deg, elevation_deg=p.elevation_deg, view_indices=p.view_indices,
+        background=p.background)
+
+
+def composite(rgba: Tensor, normal: Tensor, mask: Tensor, rot: Tensor, background: Tensor, resolution: int,
+              scratch: Scratch | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """rgb, normals [..., V, 3, R, R] and masks [..., V, 1, R, R] (float, on the inputs' device) of
+    stored views rgba [..., V, 4, S, S] uint8, normal [..., V, 3, S, S] uint16, mask [..., V, S, S]
+    uint8, with normals rotated by rot [..., V, 3, 3], composited on background [..., 3].
 
     Colour and normals are premultiplied by their coverage before resizing, so edges never mix
     in the stored background. In-place ops on whole planes: at 16 x 512² this is the DataModule's
     main cost (`norm(dim=1)` alone took 0.5 s; new buffers cost page faults).
     """
-    every = pick == list(range(obj.rgba.shape[0]))  # obj holds exactly these views: no gather copy
-    rgba = obj.rgba if every else obj.rgba[pick]
-    V, _, S, _ = rgba.shape
-    rgb = torch.from_numpy(rgba[:, :3]).float()
-    alpha = scratch.take("alpha", (V, 1, S, S)).copy_(torch.from_numpy(rgba[:, 3:])).mul_(1 / 255)
-    rgb.mul_(alpha).mul_(1 / 255)  # premultiplied
-    mask = torch.from_numpy(obj.mask if every else obj.mask[pick]).float().mul_(1 / 255).unsqueeze(1)
-    normal = scratch.take("normal", (V, 3, S, S)).copy_(torch.from_numpy(obj.normal if every else obj.normal[pick]))
+    lead, S, dev = rgba.shape[:-3], rgba.shape[-1], rgba.device
+    N, R = math.prod(lead), resolution
+    scratch = scratch or Scratch()
+    rgba, mask8 = rgba.reshape(N, 4, S, S), mask.reshape(N, 1, S, S)
+    bg = background.float().unsqueeze(-2).expand(*lead, 3).reshape(N, 3, 1, 1)
+    alpha = scratch.take("alpha", (N, 1, S, S), dev).copy_(rgba[:, 3:]).mul_(1 / 255)
+    rgb = torch.empty((N, 3, S, S), device=dev).copy_(rgba[:, :3]).mul_(alpha).mul_(1 / 255)  # premultiplied
+    mask = torch.empty((N, 1, S, S), device=dev).copy_(mask8).mul_(1 / 255)
+    normal = scratch.take("normal", (N, 3, S, S), dev).copy_(normal.reshape(N, 3, S, S))
     normal.mul_(2 / 65535).sub_(1).mul_(mask)
-    if resolution != obj.rgba.shape[-1]:
-        stack = F.interpolate(torch.cat([rgb, alpha, normal, mask], dim=1), size=(resolution, resolution),
+    if R != S:
+        stack = F.interpolate(torch.cat([rgb, alpha, normal, mask], dim=1), size=(R, R),
                               mode="bilinear", antialias=True, align_corners=False)
         rgb, alpha, normal, mask = (stack[:, :3].contiguous(), stack[:, 3:4], stack[:, 4:7],
                                     stack[:, 7:].contiguous())
-    normal = torch.bmm(rot, normal.reshape(V, 3, -1)).view(V, 3, resolution, resolution)
-    plane = torch.mul(normal[:, 0], normal[:, 0], out=scratch.take("plane", (V, resolution, resolution)))
+    normal = torch.bmm(rot.float().reshape(N, 3, 3), normal.reshape(N, 3, -1)).view(N, 3, R, R)
+    plane = torch.mul(normal[:, 0], normal[:, 0], out=scratch.take("plane", (N, R, R), dev))
     plane.addcmul_(normal[:, 1], normal[:, 1]).addcmul_(normal[:, 2], normal[:, 2])
     normal.mul_(plane.clamp_min_(1e-16).rsqrt_().unsqueeze(1).mul_(mask))  # unit, times coverage
-    uncovered = plane.copy_(mask[:, 0]).neg_().add_(1)
-    one_minus_alpha = alpha.neg_().add_(1)[:, 0]
-    for c in range(3):
-        normal[:, c].add_(uncovered, alpha=2 * float(bg[c]) - 1)
-        rgb[:, c].add_(one_minus_alpha, alpha=float(bg[c]))
-    normal.clamp_(-1, 1)
-    rgb.clamp_(0, 1)
-    return rgb, normal, mask
+    uncovered = plane.copy_(mask[:, 0]).neg_().add_(1).unsqueeze(1)
+    normal.addcmul_(uncovered, bg.mul(2).sub_(1)).clamp_(-1, 1)
+    rgb.addcmul_(alpha.neg_().add_(1), bg).clamp_(0, 1)
+    return rgb.view(*lead, 3, R, R), normal.view(*lead, 3, R, R), mask.view(*lead, 1, R, R)
