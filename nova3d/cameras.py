@@ -39,6 +39,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from nova3d.atomic import write_json_atomic
+
 CAMERA_CONVENTIONS = ("opengl", "blender", "opencv")
 NORMAL_FRAMES = ("world", "view", "input_view")
 # Flips the camera's y and z axes: OpenGL/Blender <-> OpenCV (its own inverse).
@@ -136,10 +138,7 @@ class Cameras:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write cameras.json atomically (temp name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Cameras":

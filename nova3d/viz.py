@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from nova3d.atomic import atomic_path
+
 _LABEL_HEIGHT = 14
 
 
@@ -51,9 +53,8 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     """Save a PNG under a temporary name, then rename, so no half-written picture is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 

@@ -23,6 +23,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nova3d.atomic import write_json_atomic
+
 RGB_DIR, NORMAL_DIR, MASK_DIR, DEPTH_DIR = "rgb", "normal", "mask", "depth"
 CAMERAS_FILE, META_FILE = "cameras.json", "meta.json"
 DEPTH_SCALE = 10000.0  # 16-bit depth: 0.1 mm in unit-box units, up to 6.5 units
@@ -68,14 +70,6 @@ class ObjectMeta:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as err:
             raise ValueError(f"{path}: not a valid meta.json ({err})") from err
-
-
-def write_json_atomic(path: str | os.PathLike, data: object) -> None:
-    """Write JSON to a temporary name, then rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def object_files(folder: str | os.PathLike, num_views: int, with_depth: bool = False) -> list[Path]:

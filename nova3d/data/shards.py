@@ -28,6 +28,7 @@ from torchvision.io import ImageReadMode, decode_png
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from nova3d.atomic import write_json_atomic
 from nova3d.cameras import Cameras
 from nova3d.data import schema
 from nova3d.errors import Nova3DError
@@ -329,7 +330,7 @@ class Manifest:
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / schema.MANIFEST_FILE
-        schema.write_json_atomic(path, dataclasses.asdict(self))
+        write_json_atomic(path, dataclasses.asdict(self))
         return path
 
     @classmethod
