@@ -12,7 +12,7 @@ DEMO_OUT ?= outputs/demo
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test test-fast demo train tensorboard clean
+.PHONY: help setup lock test test-fast demo train tensorboard clean setup-slurm slurm-train
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,7 +30,9 @@ lock: ## re-resolve requirements.lock from pyproject.toml's pins
 	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -o requirements.lock -q
 
-test: setup ## the CPU test suite (fast + slow tiers; gpu tests skip without CUDA)
+# As root (CI), `make test` also installs SLURM for the local-cluster tests (tests/test_slurm.py).
+IS_ROOT := $(filter 0,$(shell id -u))
+test: setup $(if $(IS_ROOT),setup-slurm) ## the CPU test suite (fast + slow tiers; gpu tests skip without CUDA)
 	$(BIN)/python -m pytest -m "not gpu" $(ARGS)
 
 test-fast: setup ## only the fast tier
@@ -44,6 +46,20 @@ demo: setup ## render the built-in objects, pack shards, write a contact sheet t
 
 train: setup ## train an experiment: make train EXP=gta_full ARGS="trainer.max_steps=10" (EXP defaults to tiny)
 	$(BIN)/python -m nova3d.train $(EXP) $(ARGS)
+
+NODES ?= 1
+GPUS_PER_NODE ?= 1
+SBATCH_ARGS ?=
+slurm-train: setup ## sbatch training: make slurm-train EXP=gta_full NODES=2 GPUS_PER_NODE=8 SBATCH_ARGS="--time=24:00:00"
+	$(BIN)/python -m nova3d.slurm submit $(EXP) trainer.num_nodes=$(NODES) trainer.devices=$(GPUS_PER_NODE) $(ARGS) \
+		--sbatch-args="$(SBATCH_ARGS)"
+
+SLURM_PACKAGES := slurm-wlm munge
+setup-slurm: ## (root) install Debian's SLURM + munge for the local test cluster (fast when installed)
+	@if command -v slurmctld && command -v slurmd && command -v sbatch && command -v munged; then :; \
+	elif [ "$$(id -u)" != 0 ]; then echo "setup-slurm: needs root (apt-get install $(SLURM_PACKAGES))" >&2; exit 1; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		$(SLURM_PACKAGES) >/dev/null; fi >/dev/null
 
 tensorboard: setup ## TensorBoard over every run under runs/
 	$(BIN)/tensorboard --logdir runs --bind_all

@@ -17,13 +17,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 
 from nova3d.config import ExperimentConfig, TrainerConfig, load_experiment
 from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.errors import Nova3DError
+from nova3d.preemption import PreemptionCheckpoint
 from nova3d.run_dir import RunDir, resume_checkpoint, run_dir_for, write_snapshot
+from nova3d.slurm import apply_global_batch, launched_by_srun
 from nova3d.systems.mv_diffusion import MultiViewDiffusion
 
 MONITOR = "val/loss"
@@ -66,6 +69,9 @@ def build_trainer(cfg: ExperimentConfig, run: RunDir, extra_callbacks: Sequence[
     t = cfg.trainer
     logger = (TensorBoardLogger(save_dir=run.path, name="tensorboard", version="", default_hp_metric=False)
               if cfg.logging.tensorboard else False)
+    # Under srun, Lightning's SLURM environment gives ranks and rendezvous; its own requeue handler is
+    # replaced by nova3d.preemption (it checkpoints inside the signal handler, unsafe with DDP).
+    plugins = [SLURMEnvironment(auto_requeue=False)] if launched_by_srun() else None
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=resolve_precision(t), max_steps=t.max_steps,
@@ -77,6 +83,7 @@ def build_trainer(cfg: ExperimentConfig, run: RunDir, extra_callbacks: Sequence[
         # The datamodule splits shards by rank itself (resampled, with_epoch): no DistributedSampler.
         use_distributed_sampler=False,
         default_root_dir=run.path, logger=logger, callbacks=[*build_callbacks(cfg, run), *extra_callbacks],
+        plugins=plugins,
     )
 
 
@@ -87,10 +94,12 @@ def run_training(cfg: ExperimentConfig, argv: Sequence[str] = (),
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of mixed precision
     run = run_dir_for(cfg)
+    preemption = PreemptionCheckpoint(run.path)
+    trainer = build_trainer(cfg, run, [preemption, *extra_callbacks])
+    cfg = apply_global_batch(cfg, trainer.world_size)  # data.global_batch_size -> per-rank batch_size
     write_snapshot(run, cfg, argv)
     datamodule = MultiViewDataModule(cfg.data)
     system = MultiViewDiffusion(cfg)
-    trainer = build_trainer(cfg, run, extra_callbacks)
     ckpt = resume_checkpoint(run)
     if ckpt is not None:
         _note(f"resuming from {ckpt}")
@@ -100,7 +109,8 @@ def run_training(cfg: ExperimentConfig, argv: Sequence[str] = (),
         # Our checkpoints hold tensors and plain containers only, so the safe loader suffices.
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     # The step checkpoints miss the final step unless max_steps is a multiple of their interval.
-    finished = trainer.state.status == TrainerStatus.FINISHED
+    # After a preemption the checkpoint is saved and the requeue's SIGTERM is on its way: write nothing more.
+    finished = trainer.state.status == TrainerStatus.FINISHED and not preemption.requested
     if finished and trainer.global_step % cfg.trainer.checkpoint_every_n_steps:
         trainer.save_checkpoint(run.last_checkpoint)
     return trainer
