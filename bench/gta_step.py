@@ -13,6 +13,11 @@ alternated so load from other processes hits both alike. Peak memory = growth of
 activations, gradients and allocator slack; weights are excluded.
 GPU: bf16 autocast on float32 weights + gradient checkpointing (the training setup); peak memory is
 torch.cuda.max_memory_allocated over a step, weights and gradients included.
+`--breakdown` (CPU) also splits each model's step CPU time into the attention core (every
+scaled_dot_product_attention call of a forward, replayed forward + backward in isolation) and the rest:
+the joint attention over both domains' D*L keys is D = 2 times the pretrained attention's work per
+GTA layer, so "ratio_floor" = 1 + (GTA's extra attention-core time) / (vanilla step) is about the lowest
+ratio a rearrangement of projections, copies or kernel calls can reach without changing what GTA computes.
 The last line printed is one JSON object with every figure.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -103,6 +109,60 @@ def timed_step(unet, inputs, autocast_dtype=None) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_timed_step(unet, inputs) -> tuple[float, float]:
+    """(wall, process CPU) seconds for one CPU step. With one thread the CPU time does not count
+    the time other jobs on a shared machine hold the core, so it is the steadier figure."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    step(unet, inputs)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _sdpa_shapes(unet: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Counter:
+    """{(q shape, k shape): calls} of every scaled_dot_product_attention in one forward."""
+    shapes: Counter = Counter()
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        shapes[(tuple(q.shape), tuple(k.shape))] += 1
+        return real(q, k, v, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy  # diffusers and gta.py call it via F.
+    try:
+        with torch.no_grad():
+            unet(**inputs)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    return shapes
+
+
+def _sdpa_cpu_ms(q_shape: tuple, k_shape: tuple, reps: int) -> float:
+    """Median process-CPU ms of one SDPA forward + backward on random tensors of these shapes."""
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(reps + 1):
+        q = torch.randn(q_shape, generator=g, requires_grad=True)
+        k, v = (torch.randn(k_shape, generator=g, requires_grad=True) for _ in range(2))
+        t0 = time.process_time()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+        times.append(time.process_time() - t0)
+    return 1000 * statistics.median(times[1:])
+
+
+def attention_breakdown(config: str, step_cpu_ms: dict[str, float], reps: int) -> dict[str, Any]:
+    """Attention-core (SDPA fwd + bwd) CPU ms of each model: its calls replayed in isolation."""
+    inputs, out = make_inputs(config), {}
+    for model in MODELS:
+        shapes = _sdpa_shapes(build(config, model), inputs)
+        core = sum(n * _sdpa_cpu_ms(q, k, reps) for (q, k), n in shapes.items())
+        out[model] = {"sdpa_calls": sum(shapes.values()), "attention_core_ms": round(core, 1),
+                      "other_ms": round(step_cpu_ms[model] - core, 1)}
+    extra = out["gta"]["attention_core_ms"] - out["vanilla"]["attention_core_ms"]
+    out["extra_attention_core_ms"] = round(extra, 1)
+    out["extra_other_ms"] = round(out["gta"]["other_ms"] - out["vanilla"]["other_ms"], 1)
+    out["ratio_floor"] = round(1 + extra / step_cpu_ms["vanilla"], 3)
+    return out
+
+
 # ---------------------------------------------------------------- CPU
 
 
@@ -123,25 +183,30 @@ def cpu_memory(config: str, model: str, threads: int) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def cpu_times(config: str, warmup: int, reps: int) -> dict[str, list[float]]:
+def cpu_times(config: str, warmup: int, reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-step (wall, process CPU) seconds of each model, alternated."""
     models = {m: build(config, m) for m in MODELS}
     inputs = make_inputs(config)
     for _ in range(warmup):
         for m in MODELS:
             step(models[m], inputs)
     times: dict[str, list[float]] = {m: [] for m in MODELS}
+    cpu: dict[str, list[float]] = {m: [] for m in MODELS}
     for _ in range(reps):  # alternate, so background load hits both models alike
         for m in MODELS:
-            times[m].append(timed_step(models[m], inputs))
-    return times
+            wall, proc = cpu_timed_step(models[m], inputs)
+            times[m].append(wall)
+            cpu[m].append(proc)
+    return times, cpu
 
 
-def cpu_bench(configs: list[str], warmup: int, reps: int, threads: int) -> dict[str, Any]:
+def cpu_bench(configs: list[str], warmup: int, reps: int, threads: int, breakdown: bool = False) -> dict[str, Any]:
     results = {}
     for config in configs:
         mem = {m: cpu_memory(config, m, threads) for m in MODELS}
-        times = cpu_times(config, warmup, reps)
+        times, cpu = cpu_times(config, warmup, reps)
         ms = {m: 1000 * statistics.median(times[m]) for m in MODELS}
+        cpu_ms = {m: 1000 * statistics.median(cpu[m]) for m in MODELS}
         _, frames, side = CONFIGS[config]
         results[config] = {
             "batch": [DOMAINS, frames, 8, side, side],
@@ -149,14 +214,22 @@ def cpu_bench(configs: list[str], warmup: int, reps: int, threads: int) -> dict[
             "step_ms": {m: round(ms[m], 1) for m in MODELS},
             "step_ms_all": {m: [round(1000 * t, 1) for t in times[m]] for m in MODELS},
             "time_ratio": round(ms["gta"] / ms["vanilla"], 3),
+            "cpu_step_ms": {m: round(cpu_ms[m], 1) for m in MODELS},
+            "cpu_time_ratio": round(cpu_ms["gta"] / cpu_ms["vanilla"], 3),
             "peak_step_mib": {m: round(mem[m]["peak_step_mib"], 1) for m in MODELS},
             "memory_ratio": round(mem["gta"]["peak_step_mib"] / max(mem["vanilla"]["peak_step_mib"], 1e-6), 3),
         }
         r = results[config]
         print(f"{config:5s} batch {r['batch']}: gta {r['step_ms']['gta']:.0f} ms vs vanilla "
-              f"{r['step_ms']['vanilla']:.0f} ms ({r['time_ratio']:.2f}x); step peak RSS gta "
-              f"{r['peak_step_mib']['gta']:.0f} MiB vs {r['peak_step_mib']['vanilla']:.0f} MiB "
+              f"{r['step_ms']['vanilla']:.0f} ms ({r['time_ratio']:.2f}x; CPU time {r['cpu_time_ratio']:.2f}x); "
+              f"step peak RSS gta {r['peak_step_mib']['gta']:.0f} MiB vs {r['peak_step_mib']['vanilla']:.0f} MiB "
               f"({r['memory_ratio']:.2f}x)", flush=True)
+        if breakdown:
+            b = r["breakdown"] = attention_breakdown(config, cpu_ms, reps)
+            print(f"{config:5s} CPU ms: attention core gta {b['gta']['attention_core_ms']:.0f} vs vanilla "
+                  f"{b['vanilla']['attention_core_ms']:.0f}, rest {b['gta']['other_ms']:.0f} vs "
+                  f"{b['vanilla']['other_ms']:.0f}; floor from the joint attention alone "
+                  f"{b['ratio_floor']:.2f}x", flush=True)
     return results
 
 
@@ -196,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--gpu", action="store_true", help="full SVD-xt UNet at 512² on CUDA instead of the CPU configs")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU machines are small and shared)")
+    parser.add_argument("--breakdown", action="store_true", help="CPU: also profile attention core vs the rest")
+    parser.add_argument("--configs", default="tiny,mid", help="CPU configs, comma-separated (tiny, mid)")
     parser.add_argument("--memory-worker", nargs=2, metavar=("CONFIG", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -212,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(args.threads)
         figures = {"mode": "cpu", "status": "ok", "threads": args.threads, "warmup": warmup, "reps": reps,
-                   "torch": torch.__version__, "configs": cpu_bench(["tiny", "mid"], warmup, reps, args.threads)}
+                   "torch": torch.__version__,
+                   "configs": cpu_bench(args.configs.split(","), warmup, reps, args.threads, args.breakdown)}
     print(json.dumps(figures))
     return 0
 

@@ -1,10 +1,12 @@
 """The LightningDataModule: NOVA3D shards streamed with WebDataset into MultiViewBatch.
 
-Training (DDP- and worker-safe, DESIGN.md §3.9): every (rank, worker) draws shards with
-replacement (`ResampledShards`, seeded per rank, worker and epoch), so no rank runs dry and
-no splitting is needed; each rank yields exactly ceil(samples_per_epoch / batch_size) full
-batches per epoch (`with_epoch` on the loader), so ranks never wait on each other. Random
-input view (orbit roll) and random background per sample.
+Training (DDP- and worker-safe, DESIGN.md §3.9): ranks see disjoint samples — with at least
+as many shards as ranks, rank r owns shards r, r+world, ...; with fewer, every rank reads them
+all but keeps only the samples at positions r, r+world, ... of each shard. Within its share every
+(rank, worker) draws shards with replacement (`ResampledShards`, seeded per rank, worker and
+epoch), so no rank runs dry; each rank yields exactly ceil(samples_per_epoch / batch_size) full
+batches per epoch (`with_epoch` on the loader), so ranks take the same number of steps and never
+wait on each other. Random input view (orbit roll) and random background per sample.
 Validation/test: every shard once, split by rank then by worker; no roll, white background.
 A rank with no validation shards yields no batches: give at least world_size val shards.
 
@@ -41,6 +43,7 @@ from nova3d.data.shards import (INVALID, MISSING_KEY, UNDECODABLE, Manifest, Sam
                                 decode_sample, evenly_spaced_views, existing_shards, find_manifest,
                                 iter_tar_samples, stored_num_views)
 from nova3d.data.views import MultiViewBatch, PackedBatch, PackedViews, Scratch, collate_packed, pack_views, unpack_batch
+from nova3d.data import latent_cache
 from nova3d.errors import Nova3DError
 
 UNREADABLE_SHARD = "unreadable_shard"
@@ -121,6 +124,9 @@ class _ToViews:
                 bg = torch.from_numpy(rng.random(3)).float() if random_bg else torch.ones(3)
                 sample = pack_views(obj, views, resolution=self.cfg.resolution,
                                     normal_frame=self.cfg.normal_frame, background=bg)
+                if self.cfg.use_cached_latents:  # required in training; validation encodes what lacks them
+                    cached = latent_cache.decode_latents(raw, views, self.cfg, required=self.train)
+                    sample.latent_params = None if cached is None else torch.from_numpy(cached)
             except SampleError as err:
                 self.counter.skip(err.reason, str(err))
                 continue
@@ -128,13 +134,34 @@ class _ToViews:
             yield sample
 
 
-def _read_shards(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
-    """Pipeline stage: {"url"} -> raw samples; a shard that breaks is counted once and left."""
+def _read_shards(src: Iterable[dict], counter: SkipCounter, part: tuple[int, int] = (0, 1),
+                 max_empty: int | None = None) -> Iterator[dict]:
+    """Pipeline stage: {"url"} -> raw samples; a shard that breaks is counted once and left.
+
+    part=(r, n): only the samples at positions r, r+n, ... of each shard. `max_empty`: raise after
+    this many shards in a row gave nothing (a resampled stream would otherwise spin forever)."""
+    rank, parts = part
+    empty = 0
     for item in src:
+        got = False
         try:
-            yield from iter_tar_samples(item["url"])
+            for i, sample in enumerate(iter_tar_samples(item["url"])):
+                if i % parts == rank:
+                    got = True
+                    yield sample
         except ShardReadError as err:
             counter.skip(UNREADABLE_SHARD, str(err))
+        empty = 0 if got else empty + 1
+        if max_empty is not None and empty >= max_empty:
+            raise Nova3DError(f"{item['url']}: rank {rank} of {parts} got no sample from {empty} shard reads in a "
+                              f"row: fewer training samples than ranks?")
+
+
+def rank_share(urls: list[str], rank: int, world: int) -> tuple[list[str], tuple[int, int]]:
+    """This rank's training shards and sample part (see the module doc): disjoint across ranks."""
+    if len(urls) >= world:
+        return urls[rank::world], (0, 1)
+    return urls, (rank, world)
 
 
 def _unpack_on_cpu(batch: PackedBatch, scratch: Scratch) -> MultiViewBatch:
@@ -184,6 +211,7 @@ def check_data_config(cfg: DataConfig) -> None:
     for name, ok, wanted in checks:
         if not ok:
             raise Nova3DError(f"data.{name} must be {wanted}, got {getattr(cfg, name)!r}")
+    latent_cache.check_config(cfg)
 
 
 class MultiViewDataModule(L.LightningDataModule):
@@ -215,6 +243,8 @@ class MultiViewDataModule(L.LightningDataModule):
             self._counter = SkipCounter()
         if stage in (None, "fit"):
             self.train_urls = existing_shards(self.cfg.train_shards, split="train")
+            if self.cfg.use_cached_latents:
+                latent_cache.check_shards(self.cfg.train_shards, self.cfg)
         self.val_urls = self._find_val_urls()
 
     def _find_val_urls(self) -> list[str]:
@@ -252,11 +282,13 @@ class MultiViewDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Iterable[MultiViewBatch]:
         if not self.train_urls:
             self.setup("fit")
-        rank, _ = self._rank_world()
+        rank, world = self._rank_world()
+        urls, part = rank_share(self.train_urls, rank, world)
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.train_urls, seed=self.cfg.seed, deterministic=True,
+            wds.ResampledShards(urls, seed=self.cfg.seed, deterministic=True,
                                 worker_seed=partial(_stream_seed, self.cfg.seed, rank)),
-            partial(_read_shards, counter=self._counter),
+            # 100 x the shard count: a false alarm needs a 1-in-e^100 streak of resampling.
+            partial(_read_shards, counter=self._counter, part=part, max_empty=100 * len(urls) + 10),
             wds.shuffle(self.cfg.shuffle_buffer, initial=max(1, self.cfg.shuffle_buffer // 4)),
             _ToViews(self.cfg, train=True, counter=self._counter, rank=rank),
             wds.batched(self.cfg.batch_size, collation_fn=collate_packed, partial=False),

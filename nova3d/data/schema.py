@@ -133,3 +133,34 @@ def shard_name(prefix: str, index: int) -> str:
 def shard_pattern(prefix: str, count: int) -> str:
     """The brace pattern naming shards 0..count-1 of `prefix`."""
     return f"{prefix}-{{{0:06d}..{count - 1:06d}}}{SHARD_EXT}"
+
+
+# --- Cached VAE latents (optional keys) ----------------------------------------------------
+# Shards written by data_prep/cache_latents.py hold every key above unchanged plus the frozen
+# VAE's posterior of every stored view of both domain videos, exactly as the model sees them:
+# composited on white at one resolution, normals in one frame (nova3d.data.latent_cache says
+# which training configs may use them). The encoder works per image, so per-view latents can
+# be picked and rolled like the views themselves.
+KEY_LATENT_INFO = "latents.json"  # LatentCacheInfo fields (also in manifest.json "encoding.latent_cache")
+LATENT_KEYS = {"rgb": "latent_rgb.npy", "normal": "latent_normal.npy"}  # [V, 2*C, h, w] float16 .npy
+LATENT_DOMAINS = tuple(LATENT_KEYS)  # the order of the domain axis of loaded latents (RGB first)
+LATENT_CACHE_FORMAT = "nova3d-latents"
+LATENT_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LatentCacheInfo:
+    """What cached latents were computed from; a training config must match it to use them."""
+
+    resolution: int  # images were resized to this before encoding (data.resolution)
+    normal_frame: str  # frame of the encoded normals (data.normal_frame), on the stored orbit (view 0 = input)
+    vae_fingerprint: str  # nova3d.data.latent_cache.vae_fingerprint of the encoder that made them
+    scaling_factor: float  # the VAE's; the stored values are unscaled
+    source: str = ""  # where the VAE came from (model folder or "random:<architecture>:<seed>"), for people
+    background: str = "white"
+    # Channels: DiagonalGaussianDistribution.parameters, i.e. cat(mean, logvar): sampling from them
+    # draws exactly what encoding would with the same generator.
+    parameters: str = "mean,logvar"
+    dtype: str = "float16"
+    format: str = LATENT_CACHE_FORMAT
+    version: int = LATENT_CACHE_VERSION

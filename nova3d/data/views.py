@@ -50,6 +50,9 @@ class MultiViewBatch:
     elevation_deg: Tensor  # [B, V]
     view_indices: Tensor  # [B, V]
     background: Tensor  # [B, 3]
+    # [B, D, V, 2*C, h, w] float32: the frozen VAE's posterior (mean, logvar), unscaled, of each domain
+    # video (schema.LATENT_DOMAINS order) when the shards cache it (nova3d.data.latent_cache); None: encode.
+    latent_params: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.object_ids)
@@ -116,6 +119,7 @@ class PackedViews:
     view_indices: Tensor  # [V] long
     background: Tensor  # [3] in [0, 1]
     resolution: int  # output resolution
+    latent_params: Tensor | None = None  # [D, V, 2*C, h, w] float16 cached posterior, or None
 
 
 @dataclass
@@ -135,6 +139,7 @@ class PackedBatch:
     view_indices: Tensor  # [B, V]
     background: Tensor  # [B, 3]
     resolution: int
+    latent_params: Tensor | None = None  # [B, D, V, 2*C, h, w] float16, or None
 
     __len__ = MultiViewBatch.__len__
     _map = MultiViewBatch._map
@@ -146,12 +151,14 @@ def collate_packed(samples: Sequence[PackedViews]) -> PackedBatch:
     """Stack PackedViews with the same view count and resolutions (into shared memory in a worker)."""
     if len({s.resolution for s in samples}) != 1:
         raise ValueError("samples of one batch must share their output resolution")
-    fields = {f.name for f in dataclasses.fields(PackedViews)} - {"object_id", "resolution"}
+    fields = {f.name for f in dataclasses.fields(PackedViews)} - {"object_id", "resolution", "latent_params"}
     if len(samples) == 1 and get_worker_info() is None:
         stack = lambda tensors: tensors[0].unsqueeze(0)  # noqa: E731
     else:
         stack = default_collate
+    cached = [s.latent_params for s in samples]  # a batch uses the cache only if every sample has it
     return PackedBatch(object_ids=[s.object_id for s in samples], resolution=samples[0].resolution,
+                       latent_params=None if any(c is None for c in cached) else stack(cached),
                        **{name: stack([getattr(s, name) for s in samples]) for name in fields})
 
 
@@ -163,7 +170,8 @@ def unpack_batch(batch: PackedBatch, scratch: Scratch | None = None) -> MultiVie
     return MultiViewBatch(object_ids=list(batch.object_ids), input_image=rgb[:, 0].clone(), rgb=rgb,
                           normals=normals, masks=masks, c2w=batch.c2w, K=batch.K, azimuth_deg=batch.azimuth_deg,
                           elevation_deg=batch.elevation_deg, view_indices=batch.view_indices,
-                          background=batch.background.float())
+                          background=batch.background.float(),
+                          latent_params=None if batch.latent_params is None else batch.latent_params.float())
 
 
 def normal_rotation(c2w: Tensor, src: str, dst: str, input_view: int = 0) -> Tensor:

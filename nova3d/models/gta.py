@@ -18,6 +18,13 @@ concatenates the paired tokens of all domains (queries of every domain attend to
 `D*L` keys, so it is one self-attention over the concatenation). Q/K/V start as copies of the
 pretrained ones and `W_out` (and every new embedding) starts at zero, so at step 0 the model is
 exactly pretrained SVD. All new parameters live in modules named `gta_*`.
+
+Cost: per GTA layer the joint attention scores D*L queries against D*L keys for each of the M
+pairs, D = 2 times the work of the pretrained attention (D*M rows of L x L), on top of it; that
+attention core alone puts a GTA-UNet step at about 1.3x the vanilla one on the CPU configs of
+bench/gta_step.py (`--breakdown`). Fusing the two branches (one Q/K/V matmul over concatenated
+weights, one output matmul, strided SDPA views in the joint layout) measured within noise of
+this plain form, so the plain form stays: it is the definition and the easiest to check.
 """
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from nova3d.config import ExperimentConfig
+from nova3d.data.latent_cache import check_vae
+from nova3d.data.schema import LATENT_DOMAINS
 from nova3d.data.views import MultiViewBatch
 from nova3d.errors import Nova3DError
 from nova3d.losses.diffusion import DomainLosses, multi_domain_edm_loss, weighted_total
@@ -94,6 +96,11 @@ class MultiViewDiffusion(L.LightningModule):
     def load_trained(cls, ckpt_path: str, use_ema: bool = True, map_location: str = "cpu") -> "MultiViewDiffusion":
         """A trained system from a training checkpoint (EMA weights when saved and `use_ema`), in eval mode."""
         ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+        return cls.from_checkpoint(ckpt, use_ema)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, use_ema: bool = True) -> "MultiViewDiffusion":
+        """`load_trained` on an already loaded checkpoint dict (its state_dict gets the conditioner keys)."""
         system = cls(experiment_from_dict(ckpt["hyper_parameters"]["config"]))
         system.on_load_checkpoint(ckpt)
         system.load_state_dict(ckpt["state_dict"])
@@ -126,7 +133,13 @@ class MultiViewDiffusion(L.LightningModule):
 
     def target_latents(self, batch: MultiViewBatch, sample_posterior: bool,
                        generator: Optional[torch.Generator] = None) -> Tensor:
-        """[D*B, V, 4, h, w] scaled VAE latents of every domain video, domain-major."""
+        """[D*B, V, 4, h, w] scaled VAE latents of every domain video, domain-major.
+
+        From the batch's cached posterior when it has one (nova3d.data.latent_cache): the same chunks
+        and the same draws from `generator` as encoding, so the two agree up to the cache's float16."""
+        if batch.latent_params is not None:
+            params = stack_domains([batch.latent_params[:, LATENT_DOMAINS.index(d)] for d in self.domains])
+            return posterior_latents(params, sample_posterior, generator, VAE_CHUNK) * self.conditioner.scaling_factor
         videos = stack_domains([DOMAIN_VIDEOS[d](batch) for d in self.domains])
         latents = self.conditioner.encode_frames(videos, sample=sample_posterior, generator=generator,
                                                  chunk_size=VAE_CHUNK)
@@ -174,6 +187,11 @@ class MultiViewDiffusion(L.LightningModule):
         if train:
             metrics.update({f"train/weight_{d}": losses.weights[i] for i, d in enumerate(self.domains)})
         self.log_dict(metrics, batch_size=batch_size, sync_dist=not train)
+
+    def on_fit_start(self) -> None:
+        d = self.cfg.data
+        if d.use_cached_latents:  # latents of another VAE would silently train on wrong targets
+            check_vae([s for s in (d.train_shards, d.val_shards) if s], self.conditioner.vae)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # Called once per optimizer step (not per accumulated batch), before checkpoint callbacks run.
@@ -275,6 +293,19 @@ class MultiViewDiffusion(L.LightningModule):
             state.setdefault(key, value)
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+
+
+def posterior_latents(params: Tensor, sample: bool, generator: Optional[torch.Generator], chunk_size: int) -> Tensor:
+    """Cached posterior [N, F, 2*C, h, w] (mean, logvar) -> unscaled latents [N, F, C, h, w] float32,
+    drawn chunk by chunk exactly as Conditioner.encode_frames draws from the encoder's posterior."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    flat = params.float().flatten(0, 1)
+    out = []
+    for i in range(0, flat.shape[0], chunk_size):
+        dist = DiagonalGaussianDistribution(flat[i : i + chunk_size])
+        out.append(dist.sample(generator) if sample else dist.mode())
+    return torch.cat(out).unflatten(0, params.shape[:2])
 
 
 def _stack(images: list[Image.Image]) -> Image.Image:
