@@ -67,7 +67,7 @@ def _material_texture(material) -> tuple[Tensor | None, Tensor]:
     factor = torch.ones(3) if factor is None else torch.as_tensor(np.asarray(factor)[:3], dtype=torch.float32) / 255.0
     if image is None:
         return None, factor
-    tex = torch.as_tensor(np.asarray(image.convert("RGB")), dtype=torch.float32) / 255.0
+    tex = torch.as_tensor(np.array(image.convert("RGB")), dtype=torch.float32) / 255.0  # a writable copy
     return tex, factor
 
 

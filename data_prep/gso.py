@@ -1,0 +1,238 @@
+"""GSO preparation: render a local Google Scanned Objects folder into evaluation ground truth.
+
+    python -m data_prep.gso --gso GSO_DIR --out GT_DIR [--limit N] [--objects ID ...]
+
+Input (the GSO release, unzipped): GSO_DIR/<object_id>/meshes/model.obj (+ model.mtl and
+materials/textures/texture.png). Output, what `nova3d eval --gt GT_DIR` reads:
+
+    GT_DIR/<object_id>/   an object folder rendered by data_prep.render_views (the same Blender
+                          import, unit-box normalisation, lighting and cameras as training data) at
+                          the protocol's orbit: 16 views, 256², elevation 0°, view 0 = input, depth on
+    GT_DIR/<object_id>/mesh.glb   the GT mesh in that same normalised world frame (coordinates
+                          stored as is, Z up: trimesh reads them back unchanged)
+    GT_DIR/<object_id>/mesh.json  how mesh.glb was made and the render/mesh agreement check
+
+mesh.glb is the OBJ as trimesh reads it, turned Y-up -> Z-up exactly as Blender's OBJ importer does
+(its defaults: forward -Z, up Y), then moved by meta.json's normalisation (v' = (v + offset) * scale).
+Before it is written, every vertex is projected with cameras.json into the masks Blender rendered:
+if more than MAX_OUTSIDE of them miss (the two disagree), the object is a failure, not ground truth,
+and its renders move to GT_DIR/rejected/ (delete them there to try again).
+Resumable: objects with both the folder and mesh.glb are skipped; failures are listed in
+GT_DIR/failures.jsonl and the exit status counts them (2 for unusable input).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.render_io import FAILURES_FILE, ObjectSource, RenderSettings, append_failure
+from nova3d.atomic import atomic_path, write_json_atomic
+from nova3d.cameras import Cameras, project_points
+from nova3d.data import schema
+from nova3d.errors import Nova3DError
+
+MODEL = Path("meshes") / "model.obj"
+GSO_TEXTURE = Path("materials") / "textures" / "texture.png"
+GT_MESH, MESH_INFO = "mesh.glb", "mesh.json"
+REJECTED_DIR = "rejected"  # renders whose mesh disagreed with them: kept for a look, never evaluated
+MAX_OUTSIDE = 0.02  # share of vertices allowed to miss the (dilated) mask in any view
+# Blender's OBJ importer (forward -Z, up Y): OBJ (x, y, z) -> Blender (x, -z, y), a +90° turn about X.
+OBJ_TO_BLENDER = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])
+
+
+@dataclass
+class GsoSummary:
+    rendered: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # folder and mesh.glb already there
+    meshes_written: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # {"object", "source", "reason"}
+
+    @property
+    def exit_code(self) -> int:
+        return min(len(self.failed), 255)
+
+    def describe(self) -> str:
+        return (f"rendered {len(self.rendered)}, skipped {len(self.skipped)} (already done), "
+                f"GT meshes written {len(self.meshes_written)}, failed {len(self.failed)}")
+
+
+def find_objects(gso_dir: Path) -> tuple[list[ObjectSource], list[dict]]:
+    """(an ObjectSource per object folder with meshes/model.obj, failure records for folders without)."""
+    if not gso_dir.is_dir():
+        raise Nova3DError(f"{gso_dir}: GSO folder not found")
+    sources, problems = [], []
+    for folder in sorted(p for p in gso_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        obj = folder / MODEL
+        object_id = schema.safe_object_id(folder.name)
+        if obj.is_file():
+            sources.append(ObjectSource(object_id, str(obj.resolve()), path=obj))
+        else:
+            problems.append({"object": object_id, "source": str(folder), "reason": f"no {MODEL} in {folder}"})
+    if not sources and not problems:
+        raise Nova3DError(f"{gso_dir}: no object folders (expected <object_id>/{MODEL})")
+    return sources, problems
+
+
+def normalised_mesh(obj_path: Path, normalisation: dict):
+    """The OBJ as a trimesh in the renderer's normalised world frame (module docstring)."""
+    import trimesh
+
+    # GSO's model.mtl points at ../materials/textures/texture.png: outside the folder trimesh
+    # (>= 5) reads assets from unless allowed.
+    resolver = trimesh.resolvers.FilePathResolver(str(obj_path), allow_anywhere=True)
+    mesh = trimesh.load(str(obj_path), force="mesh", process=False, resolver=resolver)
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+        raise ValueError(f"trimesh reads no faces from {obj_path}")
+    texture = obj_path.parent.parent / GSO_TEXTURE
+    material = getattr(mesh.visual, "material", None)
+    if material is not None and getattr(material, "image", None) is None and texture.is_file():
+        from PIL import Image
+
+        material.image = Image.open(texture).convert("RGB")  # an .mtl naming it some other way
+    verts = np.asarray(mesh.vertices, dtype=np.float64) @ OBJ_TO_BLENDER.T
+    mesh.vertices = (verts + np.asarray(normalisation["offset"])) * float(normalisation["scale"])
+    return mesh
+
+
+def _colour_kind(mesh) -> str:
+    material = getattr(mesh.visual, "material", None)
+    if mesh.visual.kind == "texture" and getattr(material, "image", None) is not None:
+        return "texture"
+    return mesh.visual.kind or "none"
+
+
+def mask_agreement(verts: np.ndarray, cameras: Cameras, masks: np.ndarray) -> list[float]:
+    """Per view, the share of the vertices [N, 3] landing in the image that land inside the mask
+    [V, H, W] (bool), dilated by res/128 pixels (at least 1) for anti-aliased edges and thin parts.
+    Vertices outside the frame (a wide object seen side-on) cannot be checked and do not count,
+    unless most of them are: then the view counts as a miss (0)."""
+    V, H, W = masks.shape
+    radius = max(1, round(W / 128))
+    m = torch.from_numpy(masks).float()[:, None]
+    dilated = torch.nn.functional.max_pool2d(m, 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+    pix, depth = project_points(torch.as_tensor(verts, dtype=torch.float32), cameras.c2w, cameras.K)
+    col, row = pix[..., 0].floor().long(), pix[..., 1].floor().long()
+    valid = (col >= 0) & (col < W) & (row >= 0) & (row < H) & (depth > 0)
+    hit = torch.zeros_like(valid)
+    views = torch.arange(V)[:, None].expand_as(col)
+    hit[valid] = dilated[views[valid], row[valid], col[valid]]
+    in_frame = valid.float().sum(1)
+    share = hit.float().sum(1) / in_frame.clamp_min(1)
+    return torch.where(in_frame >= 0.5 * valid.shape[1], share, torch.zeros_like(share)).tolist()
+
+
+def write_gt_mesh(source: ObjectSource, folder: Path) -> dict:
+    """Write folder/mesh.glb (+ mesh.json) for a rendered object; ValueError if it disagrees with the renders."""
+    from nova3d.data.shards import read_png
+
+    meta = schema.ObjectMeta.load(folder / schema.META_FILE)
+    cameras = Cameras.load(folder / schema.CAMERAS_FILE)
+    mesh = normalised_mesh(source.path, meta.normalisation)
+    low, high = mesh.bounds
+    if abs(float((high - low).max()) - 1) > 1e-3 or float(np.abs(low + high).max()) > 2e-3:
+        raise ValueError(f"GT mesh bounds {low.round(4).tolist()}..{high.round(4).tolist()} are not the unit box "
+                         "the renderer made: trimesh and Blender read different geometry")
+    masks = np.stack([read_png(folder / schema.MASK_DIR / schema.view_name(i), 1, np.uint8)[0] > 127
+                      for i in range(meta.num_views)])
+    inside = mask_agreement(np.asarray(mesh.vertices), cameras, masks)
+    if min(inside) < 1 - MAX_OUTSIDE:
+        worst = int(np.argmin(inside))
+        raise ValueError(f"GT mesh disagrees with the renders: only {inside[worst]:.1%} of its vertices project "
+                         f"into view {worst}'s mask (axis convention?)")
+    info = {"source": source.source, "frame": "nova3d world (Z up), stored as is (no glTF Y-up conversion)",
+            "axis_conversion": {"obj_to_blender": OBJ_TO_BLENDER.tolist(),
+                                "note": "Blender OBJ importer defaults: forward -Z, up Y"},
+            "normalisation": meta.normalisation, "colour": _colour_kind(mesh),
+            "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
+            "vertices_in_mask_min": min(inside), "vertices_in_mask_mean": float(np.mean(inside))}
+    write_json_atomic(folder / MESH_INFO, info)
+    with atomic_path(folder / GT_MESH) as tmp:  # last: mesh.glb marks the object done
+        mesh.export(tmp, file_type="glb")
+    return info
+
+
+def prepare_gso(gso_dir: str | Path, out_dir: str | Path, protocol: str = "gso", *, limit: int | None = None,
+                objects: list[str] | None = None, samples: int = 8, resolution: int | None = None,
+                device: str = "auto", progress: bool = True) -> GsoSummary:
+    """Render GSO objects and write their GT meshes (module docstring); resumable."""
+    from data_prep.render_views import render_objects
+    from nova3d.eval.protocol import get_protocol
+
+    proto = get_protocol(protocol)
+    gso_dir, out = Path(gso_dir), Path(out_dir)
+    sources, problems = find_objects(gso_dir)
+    if objects:
+        known = {s.object_id for s in sources} | {p["object"] for p in problems}
+        unknown = [o for o in objects if o not in known]
+        if unknown:
+            raise Nova3DError(f"--objects: {', '.join(unknown)} not in {gso_dir}")
+        sources = [s for s in sources if s.object_id in objects]
+        problems = [p for p in problems if p["object"] in objects]
+    if limit is not None:
+        sources = sources[:limit]
+    settings = RenderSettings(views=proto.num_views or 16, resolution=resolution or proto.image_size,
+                              elevation=(proto.elevation_deg,), samples=samples, depth=True, device=device)
+    summary = GsoSummary()
+    out.mkdir(parents=True, exist_ok=True)
+    for record in problems:
+        append_failure(out, record)
+        summary.failed.append(record)
+    done = [s for s in sources if (out / s.object_id / GT_MESH).is_file()]
+    summary.skipped = [s.object_id for s in done]
+    rejected = [s for s in sources if (out / REJECTED_DIR / s.object_id).exists()]
+    for source in rejected:
+        summary.failed.append({"object": source.object_id, "source": source.source,
+                               "reason": f"rejected earlier (see {FAILURES_FILE}); delete "
+                                         f"{out / REJECTED_DIR / source.object_id} to try again"})
+    todo = [s for s in sources if s not in done and s not in rejected]
+    rendered = render_objects(todo, out, settings, progress=progress)
+    summary.rendered, summary.failed = rendered.rendered, summary.failed + rendered.failed
+    for source in todo:
+        folder = out / source.object_id
+        if not (folder / schema.META_FILE).is_file():  # its render failed (already listed)
+            continue
+        try:
+            write_gt_mesh(source, folder)
+            summary.meshes_written.append(source.object_id)
+        except Exception as err:  # one bad object must not stop the run
+            record = {"object": source.object_id, "source": source.source, "reason": f"GT mesh: {err}"}
+            append_failure(out, record)
+            summary.failed.append(record)
+            (out / REJECTED_DIR).mkdir(exist_ok=True)
+            shutil.move(str(folder), str(out / REJECTED_DIR / source.object_id))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.gso", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gso", required=True, help="GSO folder: <object_id>/meshes/model.obj")
+    p.add_argument("--out", required=True, help="ground-truth folder for nova3d eval --gt")
+    p.add_argument("--limit", type=int, default=None, help="at most this many objects (in name order)")
+    p.add_argument("--objects", nargs="+", metavar="ID", help="only these object ids")
+    p.add_argument("--protocol", default="gso", help="evaluation protocol whose orbit is rendered")
+    p.add_argument("--samples", type=int, default=RenderSettings().samples, help="Cycles samples per pixel")
+    p.add_argument("--resolution", type=int, default=None, help="override the protocol's image size")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    args = p.parse_args(argv)
+    try:
+        summary = prepare_gso(args.gso, args.out, args.protocol, limit=args.limit, objects=args.objects,
+                              samples=args.samples, resolution=args.resolution, device=args.device)
+    except Nova3DError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    for record in summary.failed:
+        print(f"  failed: {record['object']}: {record['reason']}")
+    if summary.failed:
+        print(f"{len(summary.failed)} failure(s) listed in {Path(args.out) / FAILURES_FILE}")
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Results of an evaluation: one ObjectResult per object, the set's EvalSummary, and its files.
+
+`EvalSummary.write(out_dir)` writes (each atomically):
+  per_object.csv   one row per ground-truth object, evaluated or not (status + reason)
+  summary.json     protocol, means/medians over evaluated objects, counts, what was not evaluated
+                   and why, unmatched predictions, LPIPS status, software versions, every object's
+                   full record (alignment transforms, per-view PSNR/SSIM)
+  summary.md       the same as a markdown table
+JSON has no inf: PSNR of identical views (inf) is written as the string "inf".
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nova3d.atomic import atomic_path, write_json_atomic
+from nova3d.eval.appearance import AppearanceResult
+from nova3d.eval.geometry import ChamferResult, VolumeIoUResult
+from nova3d.eval.normalize import AlignmentRecord
+
+OK, MISSING, BROKEN = "ok", "missing", "broken"  # ObjectResult.status
+CSV_FILE, JSON_FILE, MD_FILE = "per_object.csv", "summary.json", "summary.md"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # key in ObjectResult.scalars(), summary.json and the CSV header
+    label: str  # markdown column header
+    higher_is_better: bool
+
+
+METRICS = (
+    Metric("chamfer", "CD", False), Metric("fscore", "F-score", True), Metric("volume_iou", "IoU", True),
+    Metric("psnr", "PSNR", True), Metric("ssim", "SSIM", True), Metric("lpips", "LPIPS", False),
+    Metric("chamfer_depth", "CD (depth)", False), Metric("cd_accuracy", "CD pred→gt", False),
+    Metric("cd_completeness", "CD gt→pred", False), Metric("precision", "precision", True),
+    Metric("recall", "recall", True),
+)
+MD_METRICS = ("chamfer", "chamfer_depth", "fscore", "volume_iou", "psnr", "ssim", "lpips")
+
+
+def json_float(x: float | None) -> float | str | None:
+    return x if x is None or math.isfinite(x) else str(x)
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "—"
+    if not math.isfinite(x):
+        return str(x)
+    if abs(x) >= 2 and float(x).is_integer():  # counts (IoU / F-score of exactly 1 keep their digits)
+        return str(int(x))
+    return f"{x:.{digits}f}" if abs(x) < 10 else f"{x:.2f}"
+
+
+@dataclass
+class ObjectResult:
+    """What happened to one ground-truth object; metrics are None unless status is OK."""
+
+    object_id: str
+    status: str  # OK | MISSING | BROKEN
+    pred_path: str | None = None
+    reason: str | None = None  # why it was not evaluated
+    chamfer: ChamferResult | None = None  # surface samples
+    chamfer_depth: ChamferResult | None = None  # depth renders (when the protocol asks)
+    iou: VolumeIoUResult | None = None
+    appearance: AppearanceResult | None = None
+    alignment: AlignmentRecord | None = None
+    pred_colour: str | None = None  # "texture" | "vertex" | "face" | "none": what the renders show
+    gt_resolution: int | None = None  # the GT views' size before resizing to the protocol's
+    seconds: float = 0.0
+
+    def scalars(self) -> dict[str, float | None]:
+        c, d, a = self.chamfer, self.chamfer_depth, self.appearance
+        return {"chamfer": c and c.chamfer, "fscore": c and c.fscore,
+                "volume_iou": self.iou and self.iou.iou, "psnr": a and a.psnr, "ssim": a and a.ssim,
+                "lpips": a and a.lpips, "chamfer_depth": d and d.chamfer, "cd_accuracy": c and c.accuracy,
+                "cd_completeness": c and c.completeness, "precision": c and c.precision,
+                "recall": c and c.recall}
+
+    def to_json(self) -> dict:
+        part = lambda r: None if r is None else r.to_json()  # noqa: E731
+        return {"object_id": self.object_id, "status": self.status, "pred_path": self.pred_path,
+                "reason": self.reason, "scalars": {k: json_float(v) for k, v in self.scalars().items()},
+                "chamfer": part(self.chamfer), "chamfer_depth": part(self.chamfer_depth),
+                "volume_iou": part(self.iou), "appearance": part(self.appearance),
+                "alignment": part(self.alignment), "pred_colour": self.pred_colour,
+                "gt_resolution": self.gt_resolution, "seconds": self.seconds}
+
+
+@dataclass
+class EvalSummary:
+    protocol: dict  # EvalProtocol fields
+    protocol_overrides: dict  # fields changed from the named protocol (CLI options)
+    objects: list[ObjectResult]
+    lpips_reason: str | None  # None: LPIPS computed
+    versions: dict[str, str]
+    environment: dict  # device, render backend, NN backend
+    pred_dir: str
+    gt_dir: str
+    unmatched_predictions: list[str] = field(default_factory=list)  # files with no GT object
+    seconds: float = 0.0
+
+    @property
+    def evaluated(self) -> list[ObjectResult]:
+        return [o for o in self.objects if o.status == OK]
+
+    @property
+    def not_evaluated(self) -> list[ObjectResult]:
+        return [o for o in self.objects if o.status != OK]
+
+    def counts(self) -> dict[str, int]:
+        return {"objects": len(self.objects), OK: len(self.evaluated),
+                MISSING: sum(o.status == MISSING for o in self.objects),
+                BROKEN: sum(o.status == BROKEN for o in self.objects)}
+
+    def aggregate(self, how: str) -> dict[str, float | None]:
+        """{metric: mean or median over evaluated objects}; None where no object has it."""
+        reduce = {"mean": lambda v: math.fsum(v) / len(v) if all(map(math.isfinite, v)) else max(v),
+                  "median": statistics.median}[how]
+        out = {}
+        for m in METRICS:
+            values = [o.scalars()[m.name] for o in self.evaluated]
+            values = [v for v in values if v is not None]
+            out[m.name] = reduce(values) if values else None
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "protocol": self.protocol, "protocol_overrides": self.protocol_overrides,
+            "counts": self.counts(),
+            "mean": {k: json_float(v) for k, v in self.aggregate("mean").items()},
+            "median": {k: json_float(v) for k, v in self.aggregate("median").items()},
+            "not_evaluated": [{"object_id": o.object_id, "status": o.status, "pred_path": o.pred_path,
+                               "reason": o.reason} for o in self.not_evaluated],
+            "unmatched_predictions": self.unmatched_predictions,
+            "lpips": {"status": "computed" if self.lpips_reason is None else "unavailable",
+                      "reason": self.lpips_reason, "net": self.protocol.get("lpips_net")},
+            "versions": self.versions, "environment": self.environment,
+            "pred_dir": self.pred_dir, "gt_dir": self.gt_dir, "seconds": self.seconds,
+            "objects": [o.to_json() for o in self.objects],
+        }
+
+    def csv_text(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        names = [m.name for m in METRICS]
+        writer.writerow(["object_id", "status", *names, "normalization", "icp", "icp_rmse_after",
+                         "pred_colour", "seconds", "pred_path", "reason"])
+        for o in self.objects:
+            s = o.scalars()
+            icp = o.alignment.icp if o.alignment else None
+            writer.writerow([o.object_id, o.status, *["" if s[n] is None else repr(float(s[n])) for n in names],
+                             o.alignment.mode if o.alignment else "", bool(icp) if o.alignment else "",
+                             "" if icp is None else repr(icp.rmse_after), o.pred_colour or "",
+                             f"{o.seconds:.3f}", o.pred_path or "", o.reason or ""])
+        return buf.getvalue()
+
+    def markdown(self) -> str:
+        p, c = self.protocol, self.counts()
+        cols = [m for m in METRICS if m.name in MD_METRICS
+                and (m.name != "chamfer_depth" or p.get("chamfer_depth"))]
+        arrow = lambda m: "↑" if m.higher_is_better else "↓"  # noqa: E731
+        changed = ", ".join(f"{k}={v}" for k, v in self.protocol_overrides.items())
+        lines = [
+            f"## Evaluation — protocol `{p['name']}`" + (f" (changed: {changed})" if changed else ""),
+            "",
+            f"{c['objects']} objects: {c[OK]} evaluated, {c[MISSING]} missing, {c[BROKEN]} broken. "
+            f"Normalisation `{p['normalization']}`, ICP {'on' if p['icp'] else 'off'}; CD from "
+            f"{p['chamfer_points']} surface points per mesh, F-score at {p['fscore_threshold']}; "
+            f"IoU on {p['iou_resolution']}³ ({p['iou_grid']}); {p['num_views']} views at "
+            f"{p['image_size']}² on white.",
+            "",
+            f"LPIPS ({p['lpips_net']}): " + ("computed." if self.lpips_reason is None
+                                              else f"not computed — {self.lpips_reason}."),
+            "",
+            "| object | " + " | ".join(f"{m.label} {arrow(m)}" for m in cols) + " | status |",
+            "|---|" + "---|" * len(cols) + "---|",
+        ]
+        for o in self.objects:
+            s = o.scalars()
+            status = o.status if o.status == OK else f"{o.status}: {o.reason}"
+            lines.append(f"| {o.object_id} | " + " | ".join(fmt(s[m.name]) for m in cols)
+                         + f" | {status.replace('|', '/')} |")
+        for how in ("mean", "median"):
+            agg = self.aggregate(how)
+            lines.append(f"| **{how}** ({c[OK]}) | " + " | ".join(fmt(agg[m.name]) for m in cols) + " | |")
+        if self.unmatched_predictions:
+            lines += ["", "Predictions without a ground-truth object (not evaluated): "
+                      + ", ".join(self.unmatched_predictions)]
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"csv": out / CSV_FILE, "json": out / JSON_FILE, "md": out / MD_FILE}
+        with atomic_path(paths["csv"]) as tmp:
+            tmp.write_text(self.csv_text())
+        write_json_atomic(paths["json"], self.to_json())
+        with atomic_path(paths["md"]) as tmp:
+            tmp.write_text(self.markdown())
+        return paths
