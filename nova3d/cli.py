@@ -47,6 +47,72 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from nova3d.export import export_checkpoint
+
+    result = export_checkpoint(args.source, args.out, ema=args.ema, which=args.checkpoint, overwrite=args.overwrite)
+    weights = "EMA" if result.ema else "raw"
+    print(f"wrote {result.out} ({weights} weights of {result.checkpoint}, step {result.global_step})")
+    return 0
+
+
+def _perturb(args: argparse.Namespace) -> int:
+    from nova3d.fusion.perturb import PerturbConfig, perturb_object
+
+    cfg = PerturbConfig(pose_rotation_deg=args.rotation, pose_translation=args.translation, seed=args.seed,
+                        pose_magnitude=args.magnitude)
+    if args.color_views is not None:
+        cfg.color_views = args.color_views
+    if args.kinds:
+        cfg.kinds = args.kinds
+    record = perturb_object(args.views, args.out, cfg, overwrite=args.overwrite)
+    corrupted = {v: k for v, k in enumerate(record.view_kinds) if k}
+    print(f"wrote {args.out}: colours {corrupted or 'untouched'}; poses up to "
+          f"{max(record.rotation_deg):.2f} deg / {max(record.translation):.4f} (record in perturb/perturb.json)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from nova3d.eval.protocol import evaluate_set, get_protocol
+
+    overrides = {k: v for k, v in (("icp", args.icp or None), ("normalization", args.normalization),
+                                   ("chamfer_depth", args.chamfer_depth or None)) if v is not None}
+    protocol = get_protocol(args.protocol, **overrides)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=device)
+    print(summary.markdown(), end="")
+    print(f"wrote {args.out}/per_object.csv, summary.json, summary.md")
+    if not summary.evaluated:
+        failed = ", ".join(f"{o.object_id} ({o.status})" for o in summary.not_evaluated)
+        print(f"nova3d eval: error: no object could be evaluated: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from nova3d.eval.report import DEFAULT_TAGS, build_report, write_report
+
+    report = build_report(args.runs, baseline=args.baseline, metrics=args.metrics, primary=args.primary,
+                          tags=tuple(args.tags or DEFAULT_TAGS))
+    print(report.markdown(), end="")
+    if args.out:
+        md, hparams = write_report(report, args.out)
+        print(f"wrote {md}; TensorBoard hparams in {hparams} (tensorboard --logdir {hparams})")
+    return 0
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from nova3d.fuse import fuse_object, load_fusion_config
+
+    result = fuse_object(args.views, args.out, load_fusion_config(args.experiment, args.overrides))
+    m = result.metrics
+    print(f"wrote {', '.join(str(p) for p in result.meshes.values())} ({m['faces']} faces) in {m['seconds_total']:.0f} s; "
+          f"pictures, metrics.json and TensorBoard logs in {result.out_dir}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova3d", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,6 +150,60 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="triangle", choices=["triangle", "linear", "constant"],
                    help="guidance over the views: triangle (min at the input view), linear, constant")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    p = add("fuse", "de-conflict fusion: an object folder of views -> textured mesh, turntable, conflict maps", _fuse)
+    p.add_argument("--views", required=True, help="object folder (rendered by data_prep, generated, or perturbed)")
+    p.add_argument("--out", required=True, help="output folder (mesh.glb/.obj/.ply, pictures, metrics.json)")
+    p.add_argument("--experiment", default="fusion/default",
+                   help="fusion experiment: fusion/default, fusion/no_conflict, fusion/no_pose_refine, ...")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=300 export.uv_texture=true")
+
+    p = add("export", "training checkpoint or run dir -> a pipeline folder for `nova3d generate --model`", _export)
+    p.add_argument("source", metavar="RUN_OR_CKPT", help="a .ckpt file, or a run directory (its checkpoints/last.ckpt)")
+    p.add_argument("--out", required=True, help="pipeline folder to write (Nova3DPipeline.save_pretrained)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="export the EMA weights (default: when the checkpoint has them)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="which checkpoint of a run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = add("perturb", "copy an object folder with simulated generation errors (colour corruption, pose errors)",
+            _perturb)
+    p.add_argument("--views", required=True, help="the object folder to copy")
+    p.add_argument("--out", required=True, help="the new object folder (gets perturb/ with masks and true cameras)")
+    p.add_argument("--color-views", type=int, nargs="*", default=None, metavar="V",
+                   help="views whose colours are corrupted (default 3 6 10 13; none: no colour corruption)")
+    p.add_argument("--kinds", nargs="+", choices=["drift", "blotch", "blur"], default=None,
+                   help="corruption kinds, cycled over the colour views (default: all three)")
+    p.add_argument("--rotation", type=float, default=0.0, metavar="DEG",
+                   help="largest camera rotation of views other than the input view, degrees")
+    p.add_argument("--translation", type=float, default=0.0, metavar="FRAC",
+                   help="largest camera shift, fraction of the camera radius")
+    p.add_argument("--magnitude", choices=["uniform", "max"], default="uniform",
+                   help="per-view pose error size: uniform in [0, max], or exactly the max")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = add("eval", "score predicted meshes against ground truth (GSO protocol); writes CSV, JSON, markdown",
+            _eval)
+    p.add_argument("--pred", required=True, help="PRED/<id>.{glb,obj,ply} or PRED/<id>/mesh.{glb,obj,ply}")
+    p.add_argument("--gt", required=True, help="ground truth made by python -m data_prep.gso")
+    p.add_argument("--protocol", default="gso", help="named protocol (nova3d/eval/protocol.py)")
+    p.add_argument("--out", required=True, help="folder for per_object.csv, summary.json, summary.md")
+    p.add_argument("--icp", action="store_true", help="rigid ICP of the prediction onto the GT after normalising")
+    p.add_argument("--normalization", choices=["unit_box", "keep", "input_view"], default=None,
+                   help="how meshes are put in one frame (default: the protocol's, unit_box for gso)")
+    p.add_argument("--chamfer-depth", action="store_true", help="also the SyncDreamer depth-render Chamfer")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    p = add("report", "compare runs: markdown ablation table + TensorBoard hparams", _report)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training or fusion run directories")
+    p.add_argument("--out", help="markdown file to write; TensorBoard hparams go to its folder's hparams/")
+    p.add_argument("--baseline", help="run (experiment name, label or path) the deltas are taken against")
+    p.add_argument("--metrics", nargs="+", metavar="GLOB", help="columns to show (e.g. 'eval/*' 'val/loss')")
+    p.add_argument("--primary", help="metric of the 'Δ vs baseline' column")
+    p.add_argument("--tags", nargs="+", metavar="GLOB", help="TensorBoard scalar tags to read "
+                   "(default: val/* test/* loss/total pose/*)")
     return parser
 
 

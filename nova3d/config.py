@@ -23,6 +23,7 @@ from nova3d.errors import Nova3DError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 PARENT_KEY = "parent"
+FUSION_DIR = "fusion"  # experiments under here use the fusion schema
 
 
 class ConfigError(Nova3DError):
@@ -38,7 +39,14 @@ class DataConfig:
     random_start_view: bool = True  # training: roll the orbit to a random input view
     train_background: str = "random"  # "random" colour or "white"; evaluation is always white
     normal_frame: str = "input_view"  # frame of normal maps fed to the model (nova3d.cameras)
+    # Take the VAE latents stored in the shards by data_prep/cache_latents.py instead of encoding the
+    # views every step (saves 2 x num_views VAE encodes per object). Needs train_background=white and,
+    # with normal_frame=input_view, random_start_view=false (nova3d.data.latent_cache says why).
+    use_cached_latents: bool = False
     batch_size: int = 1  # per rank
+    # All ranks together, per optimizer step: when set, batch_size becomes
+    # global_batch_size / (world size x trainer.accumulate_grad_batches), which must divide (nova3d.slurm).
+    global_batch_size: Optional[int] = None
     num_workers: Optional[int] = None  # None: SLURM_CPUS_PER_TASK - 1 under SLURM, else 1
     samples_per_epoch: int = 1000  # per rank: fixed so DDP ranks never wait on uneven shards
     shuffle_buffer: int = 64
@@ -170,11 +178,28 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad key {key!r}: {reason}" if key else f"{source}: {reason}") from err
 
 
+def schema_for(chain: list[tuple[Path, dict]], root: Path = EXPERIMENTS_DIR) -> type:
+    """The config dataclass of an experiment chain: fusion runs live under `fusion/`."""
+    fusion_dir = (root / FUSION_DIR).resolve()
+    if any(fusion_dir in path.resolve().parents for path, _ in chain):
+        from nova3d.fusion.config import FusionExperimentConfig
+
+        return FusionExperimentConfig
+    return ExperimentConfig
+
+
+def is_fusion_experiment(name: str, root: Path = EXPERIMENTS_DIR) -> bool:
+    return schema_for(_chain(name, root), root).__name__ == "FusionExperimentConfig"
+
+
 def load_experiment(name: str, overrides: Sequence[str] = (),
-                    root: Path = EXPERIMENTS_DIR) -> ExperimentConfig:
-    """Resolve an experiment: schema <- parents <- file <- `key=value` overrides."""
-    cfg = OmegaConf.structured(ExperimentConfig)
+                    root: Path = EXPERIMENTS_DIR) -> Any:
+    """Resolve an experiment: schema <- parents <- file <- `key=value` overrides.
+
+    Experiments under `fusion/` are fusion runs (nova3d.fusion.config schema); the rest train
+    the diffusion model (ExperimentConfig)."""
     chain = _chain(name, root)
+    cfg = OmegaConf.structured(schema_for(chain, root))
     for path, data in chain:
         cfg = _merge(cfg, data, str(path))
     # The name is derived, never written in a file: it decides the run directory.
@@ -186,7 +211,7 @@ def load_experiment(name: str, overrides: Sequence[str] = (),
     return OmegaConf.to_object(cfg)
 
 
-def to_yaml(cfg: ExperimentConfig) -> str:
+def to_yaml(cfg: Any) -> str:
     """The fully resolved config as YAML (what `nova3d config` prints and runs snapshot)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

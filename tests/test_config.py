@@ -6,15 +6,38 @@ from pathlib import Path
 import pytest
 
 from nova3d.config import ConfigError, ExperimentConfig, list_experiments, load_experiment
+from nova3d.fusion.config import FusionExperimentConfig
 
 
 def test_every_experiment_file_loads_and_validates():
     names = list_experiments()
     assert {"base", "tiny", "gta_full", "ablations/no_gta"} <= set(names)
+    assert {"fusion/default", "fusion/no_conflict", "fusion/no_pose_refine", "fusion/no_mask",
+            "fusion/no_sparse"} <= set(names)
     for name in names:
         cfg = load_experiment(name)
-        assert isinstance(cfg, ExperimentConfig)
+        schema = FusionExperimentConfig if name.startswith("fusion/") else ExperimentConfig
+        assert isinstance(cfg, schema), name
         assert cfg.name == name
+
+
+@pytest.mark.parametrize("name,knob,value", [
+    ("fusion/no_conflict", "loss.conflict_maps", False), ("fusion/no_pose_refine", "optim.pose_refine", False),
+    ("fusion/no_mask", "loss.mask", 0.0), ("fusion/no_sparse", "loss.sparsity", 0.0)])
+def test_fusion_ablation_changes_only_its_knob(name, knob, value):
+    default, ablation = load_experiment("fusion/default"), load_experiment(name)
+    section, key = knob.split(".")
+    assert getattr(getattr(ablation, section), key) == value != getattr(getattr(default, section), key)
+    setattr(getattr(ablation, section), key, getattr(getattr(default, section), key))
+    ablation.name = default.name
+    assert ablation == default
+
+
+def test_fusion_overrides_and_typos():
+    cfg = load_experiment("fusion/default", ["optim.steps=7", "field.hashgrid.levels=4", "render.occupancy=null"])
+    assert (cfg.optim.steps, cfg.field.hashgrid.levels, cfg.render.occupancy) == (7, 4, None)
+    with pytest.raises(ConfigError, match="optim.stepz"):
+        load_experiment("fusion/default", ["optim.stepz=7"])
 
 
 def test_ablation_changes_only_its_knob():

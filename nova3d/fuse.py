@@ -1,0 +1,161 @@
+"""`nova3d fuse`: one object folder -> fitted fields -> textured mesh and pictures.
+
+    nova3d fuse --views DIR --out DIR [EXPERIMENT] [key=value ...]     (also `make fuse VIEWS=DIR`)
+
+The out folder gets (each file written atomically, nothing before the fit succeeded):
+mesh.glb/.obj/.ply, turntable.gif, conflict_maps.png (+ conflict_maps.npz, the maps as numbers),
+cameras_refined.json, metrics.json (flat numbers + "experiment"), config.yaml, and TensorBoard
+logs under tensorboard/. A folder made by `nova3d perturb` carries its true cameras
+(perturb/cameras_true.json): fusion then also reports the pose errors before and after refinement.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from nova3d.atomic import atomic_path, write_json_atomic
+from nova3d.cameras import Cameras
+from nova3d.config import is_fusion_experiment, load_experiment, to_yaml
+from nova3d.errors import Nova3DError
+from nova3d.fusion.config import FusionExperimentConfig
+from nova3d.fusion.views import FusionViews, load_views
+from nova3d.systems.fusion import FusionSystem, StepCounter
+
+DEFAULT_EXPERIMENT = "fusion/default"
+TRUE_CAMERAS = Path("perturb") / "cameras_true.json"  # written by nova3d.fusion.perturb
+CONFLICT_RESOLUTION = 128  # conflict maps are rendered at this size (volume rendering is the slow part)
+# Lightning's advice for a step-counting loader and for a tiny model are not about us.
+_EXPECTED_WARNINGS = (r".*does not have many workers.*", r".*IterableDataset.*__len__.*",
+                      r".*Total length of `DataLoader` across ranks is zero.*")
+
+
+@dataclass
+class FuseResult:
+    out_dir: Path
+    meshes: dict[str, Path]
+    metrics: dict
+    system: FusionSystem
+    views: FusionViews
+    conflict: torch.Tensor  # [V, R, R] conflict maps at CONFLICT_RESOLUTION
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Nova3DError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def load_fusion_config(experiment: str = DEFAULT_EXPERIMENT, overrides: list[str] | tuple = ()) -> FusionExperimentConfig:
+    if not is_fusion_experiment(experiment):
+        raise Nova3DError(f"experiment {experiment!r} is not a fusion experiment (use one under experiments/fusion/)")
+    return load_experiment(experiment, list(overrides))
+
+
+def _trainer(cfg: FusionExperimentConfig, device: torch.device, out_dir: Path) -> L.Trainer:
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    log = cfg.logging
+    logger = (TensorBoardLogger(save_dir=out_dir, name="tensorboard", version="", default_hp_metric=False)
+              if log.tensorboard else False)
+    return L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        max_steps=cfg.optim.steps, precision="32-true", logger=logger, log_every_n_steps=log.log_every_n_steps,
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=log.progress, callbacks=[TQDMProgressBar(refresh_rate=10)] if log.progress else [],
+        default_root_dir=out_dir)
+
+
+def fit(views: FusionViews, cfg: FusionExperimentConfig, out_dir: Path, true_c2w: torch.Tensor | None = None) -> FusionSystem:
+    """Optimise the fields (and poses) for `views`; raises FusionDiverged on NaNs."""
+    device = resolve_device(cfg.device)
+    L.seed_everything(cfg.seed, verbose=False)
+    system = FusionSystem(cfg, views, true_c2w)
+    trainer = _trainer(cfg, device, out_dir)
+    with warnings.catch_warnings():
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        trainer.fit(system, train_dataloaders=torch.utils.data.DataLoader(StepCounter(cfg.optim.steps), batch_size=None))
+    if trainer.global_step < cfg.optim.steps:
+        raise Nova3DError(f"{views.folder}: fusion stopped at step {trainer.global_step} of {cfg.optim.steps}")
+    return system.to(device).eval()
+
+
+def refined_cameras(system: FusionSystem) -> Cameras:
+    c = system.views.cameras
+    c2w = system.refined_c2w().detach().cpu()
+    extra = {**c.extra, "refined_by": "nova3d fuse (per-view SE(3) corrections)"}
+    return dataclasses.replace(c, c2w=c2w, K=c.K.cpu(), extra=extra)
+
+
+def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path], torch.Tensor, dict]:
+    """Mesh files, pictures, refined cameras; returns (meshes, conflict maps, stats)."""
+    from nova3d.eval.appearance import psnr_per_view
+    from nova3d.eval.mesh_render import render_mesh
+    from nova3d.fusion.mesh import bake_texture, clean_mesh, color_vertices, export_mesh, extract_mesh
+    from nova3d.fusion.preview import conflict_sheet, turntable
+
+    cfg, views = system.cfg, system.views
+    e = cfg.export
+    stats: dict = {}
+    t0 = time.perf_counter()
+    mesh = extract_mesh(system.sdf_fn, system.renderer.bound, e.resolution, e.chunk)
+    mesh = clean_mesh(mesh, e.min_component_fraction)
+    color_vertices(mesh, system.color_fn, e.chunk)
+    textured = bake_texture(mesh, system.color_fn, e.texture_size) if e.uv_texture else mesh
+    meshes = export_mesh(textured, out_dir, "mesh", list(e.formats))
+    stats["seconds_mesh_export"] = time.perf_counter() - t0
+    stats.update(vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
+
+    cams = refined_cameras(system)
+    cams.save(out_dir / "cameras_refined.json")
+    # How well the exported mesh explains the views it was fitted to (at the refined poses).
+    rendered = render_mesh(mesh, cams, image_size=views.resolution, background=1.0)
+    stats["psnr_mesh_vs_views"] = float(psnr_per_view(rendered.rgb.clamp(0, 1), views.rgb.cpu()).mean())
+
+    t0 = time.perf_counter()
+    maps = system.render_views(min(CONFLICT_RESOLUTION, views.resolution))
+    conflict = maps.conflict.cpu()
+    stats["seconds_conflict_render"] = time.perf_counter() - t0
+    stats["conflict_mean"] = float(conflict[1:].mean())
+    with atomic_path(out_dir / "conflict_maps.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, conflict=conflict.numpy().astype(np.float16))
+    conflict_sheet(maps.rgb.cpu(), conflict, out_dir / "conflict_maps.png")
+    turntable(mesh, out_dir / "turntable.gif", frames=cfg.logging.turntable_frames)
+    return meshes, conflict, stats
+
+
+def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimentConfig | None = None) -> FuseResult:
+    """Fit one object folder and write everything into `out_dir` (see the module docstring)."""
+    cfg = cfg or load_fusion_config()
+    views_dir, out_dir = Path(views_dir), Path(out_dir)
+    views = load_views(views_dir)  # every input check happens here, before any optimisation
+    if cfg.optim.fit_resolution:
+        views = views.downsample(cfg.optim.fit_resolution)
+    true_c2w = Cameras.load(views_dir / TRUE_CAMERAS).c2w if (views_dir / TRUE_CAMERAS).is_file() else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "config.yaml") as tmp:
+        tmp.write_text(to_yaml(cfg))
+
+    t0 = time.perf_counter()
+    system = fit(views, cfg, out_dir, true_c2w)
+    seconds_fit = time.perf_counter() - t0
+    meshes, conflict, stats = export_outputs(system, out_dir)
+    metrics = {"experiment": cfg.name, "object_id": views.object_id, "steps": cfg.optim.steps,
+               "rays_per_step": cfg.optim.rays, "seconds_fit": seconds_fit, **stats,
+               "seconds_total": time.perf_counter() - t0, "device": str(resolve_device(cfg.device))}
+    metrics.update(system.pose_errors() or {})
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return FuseResult(out_dir, meshes, metrics, system, views, conflict)

@@ -1,0 +1,168 @@
+"""De-conflict fusion end to end (nova3d.fuse, nova3d.systems.fusion, nova3d.losses.fusion):
+input checks before any optimisation, the loss contracts, NaN handling, and (slow tier) a
+reduced version of bench/fusion_quality.py on a ray-traced ellipsoid with known geometry."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from helpers_objects import RADII, make_object_folder, synthetic_views
+from nova3d.cli import main as cli_main
+from nova3d.data import schema
+from nova3d.fuse import fuse_object, load_fusion_config
+from nova3d.fusion.views import FusionInputError, RaySampler, load_views
+from nova3d.losses import fusion as L
+from nova3d.systems.fusion import FusionDiverged
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TINY = ["optim.rays=256", "optim.warmup_steps=2", "field.hashgrid.levels=4", "field.hashgrid.log2_table_size=12",
+        "field.hashgrid.max_resolution=64", "render.num_steps=64", "render.occupancy.resolution=16",
+        "export.resolution=32", "logging.tensorboard=false", "logging.progress=false", "logging.turntable_frames=2"]
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return make_object_folder(tmp_path, "ellipsoid", views=4, res=24)
+
+
+# ---------------------------------------------------------------- inputs
+
+def test_views_load_in_world_frame_on_white(tmp_path):
+    folder = make_object_folder(tmp_path, "e", views=4, res=24)
+    views, gt = load_views(folder), synthetic_views(4, 24)
+    mask = torch.from_numpy(gt.mask)
+    assert torch.equal(views.mask.bool(), mask)
+    # 16-bit normals come back within quantisation, in the world frame the renderer used
+    world = torch.from_numpy(gt.normals_world).permute(0, 3, 1, 2)
+    assert (views.normal - world).abs()[:, :, mask[0].bool().expand(4, -1, -1)[0]].max() < 1e-3
+    assert torch.all(views.rgb.permute(0, 2, 3, 1)[~mask] == 1.0)  # background composited on white
+    rays = RaySampler(views, object_fraction=1.0, dilate=0).sample(500, torch.Generator().manual_seed(0))
+    assert rays.pix.shape == (500, 2) and rays.rgb.shape == (500, 3) and torch.all(rays.mask == 1)
+    # the colour a ray carries is its pixel's
+    col, row = rays.pix.long().unbind(-1)
+    assert torch.equal(rays.rgb, views.rgb[rays.view, :, row, col])
+
+
+def _drop_view(f):
+    (f / "rgb" / "002.png").unlink()
+
+
+def _drop_cameras(f):
+    (f / "cameras.json").unlink()
+
+
+def _empty_mask(f):
+    Image.new("L", (24, 24), 0).save(f / "mask" / "001.png")
+
+
+def _wrong_size(f):
+    Image.new("RGBA", (20, 20)).save(f / "rgb" / "003.png")
+
+
+def _nan_camera(f):
+    cams = json.loads((f / "cameras.json").read_text())
+    cams["frames"][1]["c2w"][0][3] = "NaN"
+    (f / "cameras.json").write_text(json.dumps(cams).replace('"NaN"', "NaN"))
+
+
+@pytest.mark.parametrize("breakage,match", [(_drop_view, "rgb/002.png"), (_drop_cameras, "cameras.json"),
+                                            (_empty_mask, "empty masks"), (_wrong_size, "sizes"),
+                                            (_nan_camera, "NaN")])
+def test_bad_input_fails_before_optimising_with_one_line(folder, tmp_path, capsys, breakage, match):
+    breakage(folder)
+    with pytest.raises(FusionInputError, match=match):
+        load_views(folder)
+    out = tmp_path / "out"
+    assert cli_main(["fuse", "--views", str(folder), "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nova3d fuse: error:") and str(folder) in err[0]
+    assert not out.exists() or not list(out.glob("mesh.*"))
+
+
+def test_nan_stops_the_run_and_writes_no_mesh(folder, tmp_path):
+    cfg = load_fusion_config("fusion/default", TINY + ["optim.steps=5", "optim.lr_net=inf", "optim.warmup_steps=1"])
+    with pytest.raises(FusionDiverged, match="non-finite loss at step"):
+        fuse_object(folder, tmp_path / "out", cfg)
+    assert not list((tmp_path / "out").glob("mesh.*")) and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_wrong_experiment_kind_is_refused():
+    with pytest.raises(Exception, match="not a fusion experiment"):
+        load_fusion_config("tiny")
+
+
+# ---------------------------------------------------------------- losses
+
+def test_conflict_weighting_moves_conflict_towards_large_errors_only():
+    err = torch.tensor([0.01, 0.3])
+    lam = 0.05
+    c = torch.full((2,), 0.5, requires_grad=True)
+    trusted = torch.tensor([False, False])
+    (L.conflict_weighted_color(err, c) + lam * L.conflict_regulariser(c, trusted)).backward()
+    # d/dc [(1 - c) e + lam c] = lam - e (over the mean): descent raises c only where e > lam
+    assert c.grad[0] > 0 > c.grad[1]
+    # "everything conflicts" is not free: with c = 1 everywhere the regulariser pays lam per ray
+    ones = torch.ones(2)
+    assert L.conflict_weighted_color(err, ones) + lam * L.conflict_regulariser(ones, trusted) == pytest.approx(lam)
+    # trusted rays do not count in the regulariser
+    assert L.conflict_regulariser(torch.tensor([0.0, 1.0]), torch.tensor([False, True])) == 0.0
+
+
+def test_geometry_losses_known_values():
+    assert L.eikonal_loss(torch.tensor([[0.0, 3.0, 4.0]])) == pytest.approx(16.0)
+    assert L.sparsity_loss(torch.zeros(5)) == pytest.approx(1.0)
+    assert L.normal_loss(torch.tensor([[0.0, 0, 2]]), torch.tensor([[0.0, 0, 1]]), torch.ones(1)) == pytest.approx(0.0)
+    assert L.normal_loss(torch.tensor([[0.0, 0, 1]]), torch.tensor([[0.0, 0, -1]]), torch.ones(1)) == pytest.approx(2.0)
+    assert L.mask_loss(torch.tensor([0.5]), torch.tensor([1.0])) == pytest.approx(np.log(2), rel=1e-4)
+
+
+# ---------------------------------------------------------------- a reduced quality run
+
+def _ellipsoid_mesh() -> trimesh.Trimesh:
+    mesh = trimesh.creation.icosphere(subdivisions=5)
+    mesh.vertices = mesh.vertices * np.asarray(RADII)
+    return mesh
+
+
+@pytest.mark.slow
+def test_fusion_recovers_the_ellipsoid_and_flags_corrupted_views(tmp_path):
+    from nova3d.eval.geometry import chamfer_surface, volume_iou
+    from nova3d.fusion.perturb import PerturbConfig, load_corruption_masks, perturb_object
+
+    src = make_object_folder(tmp_path / "src", "ellipsoid", views=8, res=48)
+    perturb_object(src, tmp_path / "perturbed" / "ellipsoid",
+                   PerturbConfig(color_views=[2, 5], kinds=["drift", "blotch"], seed=1))
+    folder = tmp_path / "perturbed" / "ellipsoid"
+    cfg = load_fusion_config("fusion/default", [
+        "optim.steps=150", "optim.rays=512", "optim.pose_start_step=60", "loss.conflict_start_step=60",
+        "field.hashgrid.levels=8", "field.hashgrid.log2_table_size=15", "field.hashgrid.max_resolution=128",
+        "render.num_steps=128", "render.occupancy.resolution=32", "export.resolution=96",
+        "logging.progress=false", "logging.turntable_frames=4", "logging.preview_every_n_steps=75"])
+    result = fuse_object(folder, tmp_path / "out", cfg)
+    out = tmp_path / "out"
+    for name in ("mesh.glb", "mesh.obj", "mesh.ply", "turntable.gif", "conflict_maps.png", "conflict_maps.npz",
+                 "cameras_refined.json", "metrics.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["experiment"] == "fusion/default" and metrics["faces"] > 100
+
+    pred = trimesh.load(out / "mesh.ply", force="mesh")
+    assert chamfer_surface(pred, _ellipsoid_mesh(), num_points=20_000).chamfer < 0.02
+    assert volume_iou(pred, _ellipsoid_mesh()).iou > 0.8
+    # The conflict map is higher on the corrupted pixels than on clean object pixels.
+    masks = torch.from_numpy(load_corruption_masks(folder)).float()  # [V, H, W]
+    conflict = torch.nn.functional.interpolate(result.conflict[:, None], size=masks.shape[-2:], mode="nearest")[:, 0]
+    obj = torch.from_numpy(schema_masks(folder)) > 0
+    bad, clean = conflict[(masks > 0) & obj], conflict[(masks == 0) & obj & (torch.arange(8)[:, None, None] > 0)]
+    assert bad.mean() > 2 * clean.mean()
+
+
+def schema_masks(folder) -> np.ndarray:
+    from nova3d.data.shards import read_object_folder
+
+    return read_object_folder(folder).mask
