@@ -5,6 +5,8 @@
 Synthetic object folders (tests/helpers_objects.py: 16 views, RGB + 16-bit normals + masks)
 are written to a temporary folder, packed with data_prep.write_shards, then streamed through
 the real training loader (16 views, batch 1) at 256² and 512² with 1 and 2 workers.
+Every timed figure is the median of repeats: loader rates over consecutive windows of batches
+from one warmed-up loader, per-call times of the decode/encode steps (after one warm-up call).
 The last line printed is one JSON object with every figure.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import dataclasses
 import io
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -50,7 +53,7 @@ def blender_seconds_per_object(resolution: int) -> tuple[float | None, str | Non
                                      RenderSettings(views=VIEWS, resolution=resolution), progress=False)
         if summary.failed or not summary.seconds:
             return None, f"render_objects rendered nothing: {summary.failed}"
-        return sum(summary.seconds.values()) / len(summary.seconds), None
+        return statistics.median(summary.seconds.values()), None
     except Exception as err:  # a hook: report why, never fail the benchmark
         return None, f"render_objects failed: {type(err).__name__}: {err}"
 
@@ -65,23 +68,27 @@ def _make_shards(root: Path, resolution: int, count: int) -> tuple[Path, float, 
     return root / "shards", seconds, sum(s.num_bytes for s in summary.shards) / summary.num_samples
 
 
-def loader_samples_per_second(shards: Path, resolution: int, workers: int, batches: int,
+def loader_samples_per_second(shards: Path, resolution: int, workers: int, batches: int, repeats: int,
                               packed: bool = False) -> float:
     """Training loader throughput (16 views, batch 1), after the workers have started: MultiViewBatch
     unpacked on the CPU in this process, or (packed) the PackedBatch a Trainer gets, to be unpacked
-    by on_after_batch_transfer on its device."""
+    by on_after_batch_transfer on its device. The median over `repeats` consecutive windows of
+    `batches` batches (windows, not single batches: prefetched batches arrive in bursts)."""
     cfg = DataConfig(train_shards=str(shards), resolution=resolution, num_views=VIEWS, batch_size=1,
-                     num_workers=workers, samples_per_epoch=batches + 2 * workers + 2, shuffle_buffer=4)
+                     num_workers=workers, samples_per_epoch=batches * repeats + 2 * workers + 2, shuffle_buffer=4)
     dm = MultiViewDataModule(cfg)
     dm.setup("fit")
     loader = dm.train_dataloader()
     it = iter(getattr(loader, "loader", loader) if packed else loader)
     for _ in range(2 * workers + 2):  # warm-up: worker start and the first samples of each
         next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batches / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        rates.append(batches / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def worker_compute_samples_per_second(shards: Path, resolution: int, repeat: int) -> dict:
@@ -104,11 +111,14 @@ def worker_compute_samples_per_second(shards: Path, resolution: int, repeat: int
 
 
 def _timed(fn, repeat: int) -> float:
+    """Median seconds of one fn() call over `repeat` calls, after one warm-up call."""
     fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeat
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def encoding_comparison(folder: Path, repeat: int) -> dict:
@@ -141,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few objects and batches (about a minute)")
     args = parser.parse_args(argv)
-    objects, batches, repeat = (3, 6, 2) if args.quick else (8, 24, 5)
+    objects, batches, repeat = (3, 3, 3) if args.quick else (8, 8, 5)
     figures: dict = {"views": VIEWS, "domains": ["rgb", "normal", "mask"], "quick": args.quick,
+                     "statistic": f"median of {repeat} repeats", "loader_batches_per_repeat": batches,
                      "encoding": dataclasses.asdict(schema.ShardEncoding()), "torch_threads": torch.get_num_threads(),
                      "samples_per_s": {}, "write_s_per_object": {}, "bytes_per_sample": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
             print(f"{res}²  one worker's compute: {figures['one_worker_compute'][res]}", flush=True)
             for workers in (1, 2):
-                rate = loader_samples_per_second(shards, res, workers, batches)
+                rate = loader_samples_per_second(shards, res, workers, batches, repeat)
                 figures["samples_per_s"][res][workers] = round(rate, 2)
                 print(f"{res}²  {workers} worker(s): {rate:6.2f} samples/s", flush=True)
-                rate = loader_samples_per_second(shards, res, workers, batches, packed=True)
+                rate = loader_samples_per_second(shards, res, workers, batches, repeat, packed=True)
                 figures.setdefault("packed_samples_per_s", {}).setdefault(res, {})[workers] = round(rate, 2)
                 print(f"{res}²  {workers} worker(s): {rate:6.2f} samples/s packed (unpacked on the device)",
                       flush=True)

@@ -38,6 +38,7 @@ from nova3d.cameras import Cameras  # noqa: E402
 from nova3d.eval import appearance, geometry  # noqa: E402
 from nova3d.eval.mesh_render import render_mesh  # noqa: E402
 from nova3d.eval.protocol import GT_MESH, PROTOCOLS, evaluate_object, load_gt, load_mesh  # noqa: E402
+from nova3d.mesh_io import load_mesh as load_mesh_file, save_mesh  # noqa: E402
 from tests.helpers_eval import write_gt_object  # noqa: E402
 
 
@@ -49,13 +50,13 @@ def make_pair(root: Path, subdivisions: int) -> tuple[Path, Path]:
     proto = PROTOCOLS["gso"]
     folder = write_gt_object(root / "gt", "crate", mesh, views=proto.num_views, res=proto.image_size,
                              elevation_deg=proto.elevation_deg)
-    pred = trimesh.load(folder / GT_MESH, force="mesh", process=False)
+    pred = load_mesh_file(folder / GT_MESH)
     rng = np.random.default_rng(0)
     pred.vertices = np.asarray(pred.vertices) * 1.03 + rng.normal(0, 0.004, pred.vertices.shape)
     pred.apply_transform(trimesh.transformations.rotation_matrix(np.radians(3), [0, 0, 1]))
     path = root / "pred" / "crate.glb"
     path.parent.mkdir(parents=True)
-    pred.export(path)
+    save_mesh(pred, path)
     return folder, path
 
 

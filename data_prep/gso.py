@@ -8,12 +8,12 @@ materials/textures/texture.png). Output, what `nova3d eval --gt GT_DIR` reads:
     GT_DIR/<object_id>/   an object folder rendered by data_prep.render_views (the same Blender
                           import, unit-box normalisation, lighting and cameras as training data) at
                           the protocol's orbit: 16 views, 256², elevation 0°, view 0 = input, depth on
-    GT_DIR/<object_id>/mesh.glb   the GT mesh in that same normalised world frame (coordinates
-                          stored as is, Z up: trimesh reads them back unchanged)
+    GT_DIR/<object_id>/mesh.glb   the GT mesh in that same normalised world frame, stored by
+                          nova3d.mesh_io (glTF Y-up in the file; mesh_io.load_mesh gives back Z-up)
     GT_DIR/<object_id>/mesh.json  how mesh.glb was made and the render/mesh agreement check
 
-mesh.glb is the OBJ as trimesh reads it, turned Y-up -> Z-up exactly as Blender's OBJ importer does
-(its defaults: forward -Z, up Y), then moved by meta.json's normalisation (v' = (v + offset) * scale).
+mesh.glb is the OBJ as nova3d.mesh_io.load_mesh reads it, turned Y-up -> Z-up exactly as Blender's OBJ
+importer does (its defaults: forward -Z, up Y), then moved by meta.json's normalisation (v' = (v + offset) * scale).
 Before it is written, every vertex is projected with cameras.json into the masks Blender rendered:
 if more than MAX_OUTSIDE of them miss (the two disagree), the object is a failure, not ground truth,
 and its renders move to GT_DIR/rejected/ (delete them there to try again).
@@ -32,18 +32,17 @@ import numpy as np
 import torch
 
 from data_prep.render_io import FAILURES_FILE, ObjectSource, RenderSettings, append_failure
-from nova3d.atomic import atomic_path, write_json_atomic
+from nova3d.atomic import write_json_atomic
 from nova3d.cameras import Cameras, project_points
 from nova3d.data import schema
 from nova3d.errors import Nova3DError
+from nova3d.mesh_io import Y_UP_TO_Z_UP, load_mesh, save_mesh
 
 MODEL = Path("meshes") / "model.obj"
 GSO_TEXTURE = Path("materials") / "textures" / "texture.png"
 GT_MESH, MESH_INFO = "mesh.glb", "mesh.json"
 REJECTED_DIR = "rejected"  # renders whose mesh disagreed with them: kept for a look, never evaluated
 MAX_OUTSIDE = 0.02  # share of vertices allowed to miss the (dilated) mask in any view
-# Blender's OBJ importer (forward -Z, up Y): OBJ (x, y, z) -> Blender (x, -z, y), a +90° turn about X.
-OBJ_TO_BLENDER = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])
 
 
 @dataclass
@@ -81,13 +80,10 @@ def find_objects(gso_dir: Path) -> tuple[list[ObjectSource], list[dict]]:
 
 def normalised_mesh(obj_path: Path, normalisation: dict):
     """The OBJ as a trimesh in the renderer's normalised world frame (module docstring)."""
-    import trimesh
-
-    # GSO's model.mtl points at ../materials/textures/texture.png: outside the folder trimesh
-    # (>= 5) reads assets from unless allowed.
-    resolver = trimesh.resolvers.FilePathResolver(str(obj_path), allow_anywhere=True)
-    mesh = trimesh.load(str(obj_path), force="mesh", process=False, resolver=resolver)
-    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+    # Y-up -> Z-up as Blender's OBJ importer turns it; GSO's model.mtl points at
+    # ../materials/textures/texture.png, which load_mesh's resolver allows.
+    mesh = load_mesh(obj_path)
+    if len(mesh.faces) == 0:
         raise ValueError(f"trimesh reads no faces from {obj_path}")
     texture = obj_path.parent.parent / GSO_TEXTURE
     material = getattr(mesh.visual, "material", None)
@@ -95,7 +91,7 @@ def normalised_mesh(obj_path: Path, normalisation: dict):
         from PIL import Image
 
         material.image = Image.open(texture).convert("RGB")  # an .mtl naming it some other way
-    verts = np.asarray(mesh.vertices, dtype=np.float64) @ OBJ_TO_BLENDER.T
+    verts = np.asarray(mesh.vertices, dtype=np.float64)
     mesh.vertices = (verts + np.asarray(normalisation["offset"])) * float(normalisation["scale"])
     return mesh
 
@@ -145,15 +141,15 @@ def write_gt_mesh(source: ObjectSource, folder: Path) -> dict:
         worst = int(np.argmin(inside))
         raise ValueError(f"GT mesh disagrees with the renders: only {inside[worst]:.1%} of its vertices project "
                          f"into view {worst}'s mask (axis convention?)")
-    info = {"source": source.source, "frame": "nova3d world (Z up), stored as is (no glTF Y-up conversion)",
-            "axis_conversion": {"obj_to_blender": OBJ_TO_BLENDER.tolist(),
+    info = {"source": source.source,
+            "frame": "nova3d world (Z up) in memory; mesh.glb stored glTF Y-up by nova3d.mesh_io",
+            "axis_conversion": {"obj_to_blender": Y_UP_TO_Z_UP[:3, :3].tolist(),
                                 "note": "Blender OBJ importer defaults: forward -Z, up Y"},
             "normalisation": meta.normalisation, "colour": _colour_kind(mesh),
             "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
             "vertices_in_mask_min": min(inside), "vertices_in_mask_mean": float(np.mean(inside))}
     write_json_atomic(folder / MESH_INFO, info)
-    with atomic_path(folder / GT_MESH) as tmp:  # last: mesh.glb marks the object done
-        mesh.export(tmp, file_type="glb")
+    save_mesh(mesh, folder / GT_MESH)  # atomic, last: mesh.glb marks the object done
     return info
 
 

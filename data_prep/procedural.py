@@ -19,10 +19,10 @@ import numpy as np
 import trimesh
 from PIL import Image
 
+from nova3d.mesh_io import save_mesh
+
 Colour = Sequence[float]  # RGB in [0, 1]
 _SHARP_DEG = 30.0  # edges sharper than this are split (flat shading across them)
-# Blender world (Z up) -> glTF (Y up); Blender's glTF importer applies the inverse.
-_Z_UP_TO_Y_UP = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
 
 
 def _part(mesh: trimesh.Trimesh, colour: Colour) -> trimesh.Trimesh:
@@ -243,7 +243,10 @@ def crate() -> trimesh.Trimesh:
             uvs.append([(col + 0.5 + 0.48 * su) / 3, 1 - (row + 0.5 - 0.48 * sv) / 2])
         base = 4 * k
         faces += [[base, base + 1, base + 2], [base, base + 2, base + 3]]
-    visual = trimesh.visual.TextureVisuals(uv=np.array(uvs), image=_crate_texture())
+    # A white diffuse factor: trimesh's default (0.4 grey) is written as glTF baseColorFactor,
+    # which Blender multiplies into the texture (a crate 40% as bright as its image).
+    material = trimesh.visual.material.SimpleMaterial(image=_crate_texture(), diffuse=[255, 255, 255, 255])
+    visual = trimesh.visual.TextureVisuals(uv=np.array(uvs), material=material)
     return trimesh.Trimesh(np.array(vertices), np.array(faces), visual=visual, process=False)
 
 
@@ -267,27 +270,17 @@ def make_object(name: str) -> trimesh.Trimesh:
     return PROCEDURAL_OBJECTS[name]()
 
 
-def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
 def export_object(name: str, path: str | Path) -> Path:
     """Write object `name` to .glb (colours, texture, normals kept) or .ply (colours, normals).
 
     Importing the file into Blender gives back the object in Blender's world frame:
-    glTF is Y-up, so the vertices are rotated here and Blender's importer undoes it.
+    glTF is Y-up, so save_mesh turns the vertices and Blender's importer undoes it.
     """
     path = Path(path)
     mesh = make_object(name)
     suffix = path.suffix.lower()
-    if suffix == ".glb":
-        mesh.apply_transform(_Z_UP_TO_Y_UP)
-        if isinstance(mesh.visual, trimesh.visual.ColorVisuals):  # glTF COLOR_0 is linear, ours sRGB
-            colours = mesh.visual.vertex_colors.copy()
-            colours[:, :3] = np.round(_srgb_to_linear(colours[:, :3] / 255) * 255)
-            mesh.visual.vertex_colors = colours
-        mesh.vertex_normals  # noqa: B018 -- computed now so the export includes them
-        path.write_bytes(trimesh.exchange.gltf.export_glb(trimesh.Scene(mesh), include_normals=True))
+    if suffix == ".glb":  # Y-up, linear COLOR_0: nova3d.mesh_io's glTF convention
+        save_mesh(mesh, path, include_normals=True)
     elif suffix == ".ply":
         if isinstance(mesh.visual, trimesh.visual.TextureVisuals):
             mesh.visual = mesh.visual.to_color()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import Sequence
 
 import lightning as L
@@ -24,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from nova3d.config import ExperimentConfig, TrainerConfig, load_experiment
 from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.errors import Nova3DError
+from nova3d.lightning_warnings import quiet_lightning
 from nova3d.preemption import PreemptionCheckpoint
 from nova3d.run_dir import RunDir, resume_checkpoint, run_dir_for, write_snapshot
 from nova3d.slurm import apply_global_batch, launched_by_srun
@@ -60,8 +60,9 @@ def build_callbacks(cfg: ExperimentConfig, run: RunDir) -> list[Callback]:
         # best.ckpt: checked after every validation, on fresh validation metrics.
         ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
                         save_on_train_epoch_end=False, auto_insert_metric_name=False),
-        LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)),
+        # It logs through the logger and refuses to start without one (logging.tensorboard=false).
+        *([LearningRateMonitor(logging_interval="step")] if cfg.logging.tensorboard else []),
     ]
 
 
@@ -72,19 +73,20 @@ def build_trainer(cfg: ExperimentConfig, run: RunDir, extra_callbacks: Sequence[
     # Under srun, Lightning's SLURM environment gives ranks and rendezvous; its own requeue handler is
     # replaced by nova3d.preemption (it checkpoints inside the signal handler, unsafe with DDP).
     plugins = [SLURMEnvironment(auto_requeue=False)] if launched_by_srun() else None
-    return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=resolve_precision(t), max_steps=t.max_steps,
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
-        # Validation every N global steps across epochs (an epoch is only the loader's with_epoch length).
-        val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches if t.limit_val_batches is not None else 1.0,
-        num_sanity_val_steps=t.num_sanity_val_steps, log_every_n_steps=t.log_every_n_steps,
-        # The datamodule splits shards by rank itself (resampled, with_epoch): no DistributedSampler.
-        use_distributed_sampler=False,
-        default_root_dir=run.path, logger=logger, callbacks=[*build_callbacks(cfg, run), *extra_callbacks],
-        plugins=plugins,
-    )
+    with quiet_lightning():  # Lightning's srun hint on a local run (nova3d.lightning_warnings)
+        return L.Trainer(
+            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+            precision=resolve_precision(t), max_steps=t.max_steps,
+            accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+            # Validation every N global steps across epochs (an epoch is only the loader's with_epoch length).
+            val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+            limit_val_batches=t.limit_val_batches if t.limit_val_batches is not None else 1.0,
+            num_sanity_val_steps=t.num_sanity_val_steps, log_every_n_steps=t.log_every_n_steps,
+            # The datamodule splits shards by rank itself (resampled, with_epoch): no DistributedSampler.
+            use_distributed_sampler=False,
+            default_root_dir=run.path, logger=logger, callbacks=[*build_callbacks(cfg, run), *extra_callbacks],
+            plugins=plugins,
+        )
 
 
 def run_training(cfg: ExperimentConfig, argv: Sequence[str] = (),
@@ -103,9 +105,7 @@ def run_training(cfg: ExperimentConfig, argv: Sequence[str] = (),
     ckpt = resume_checkpoint(run)
     if ckpt is not None:
         _note(f"resuming from {ckpt}")
-    with warnings.catch_warnings():
-        for pattern in EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
+    with quiet_lightning(EXPECTED_WARNINGS):
         # Our checkpoints hold tensors and plain containers only, so the safe loader suffices.
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     # The step checkpoints miss the final step unless max_steps is a multiple of their interval.

@@ -17,6 +17,7 @@ from nova3d.data import schema
 from nova3d.data.shards import encode_png16
 from nova3d.eval.mesh_render import render_mesh
 from nova3d.eval.protocol import load_mesh
+from nova3d.mesh_io import save_mesh
 
 
 def unit_box(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
@@ -43,8 +44,8 @@ def write_gt_object(root: str | Path, object_id: str, mesh: trimesh.Trimesh, vie
     """
     folder = Path(root) / object_id
     folder.mkdir(parents=True, exist_ok=True)
-    unit_box(mesh).export(folder / "mesh.glb")
-    # Views of the file as read back (trimesh's glb export can change colour factors).
+    save_mesh(unit_box(mesh), folder / "mesh.glb")
+    # Views of the file as read back (what the harness compares against).
     cams = orbit_cameras(OrbitSpec(num_views=views, resolution=res, elevation_deg=elevation_deg))
     out = render_mesh(load_mesh(folder / "mesh.glb"), cams, image_size=res, background=0.0, supersample=supersample)
     for sub in (schema.RGB_DIR, schema.NORMAL_DIR, schema.MASK_DIR, schema.DEPTH_DIR):

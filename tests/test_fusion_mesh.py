@@ -12,6 +12,7 @@ from nova3d.errors import Nova3DError
 from nova3d.eval.mesh_render import render_mesh
 from nova3d.fusion.mesh import (MeshExportConfig, bake_texture, clean_mesh, color_vertices, export_mesh,
                                 extract_mesh, sample_texture)
+from nova3d.mesh_io import load_mesh
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -123,7 +124,7 @@ def test_export_round_trip(tmp_path, sphere_mesh, textured, kind):
     assert set(paths) == {"glb", "obj", "ply"} and all(p.is_file() for p in paths.values())
     assert not list(tmp_path.glob("*.tmp"))
     for fmt, path in paths.items():
-        loaded = trimesh.load(path, process=False, force="mesh")
+        loaded = load_mesh(path)  # back in the world frame (.glb/.obj are stored Y-up)
         assert len(loaded.vertices) == len(mesh.vertices), fmt
         assert np.allclose(np.asarray(loaded.vertices), mesh.vertices, atol=1e-5), fmt
         if kind == "vertex" or fmt == "ply":  # ply stores a textured mesh's colours per vertex

@@ -16,6 +16,7 @@ from PIL import Image
 
 from data_prep import gso
 from data_prep.procedural import make_object
+from nova3d import mesh_io
 from nova3d.cameras import Cameras
 from nova3d.data import schema
 from nova3d.data.shards import read_png
@@ -38,7 +39,7 @@ def write_gso_object(root: Path, name: str) -> Path:
         image = Image.fromarray(np.repeat(np.repeat(colours[None].astype(np.uint8), 4, 0), 4, 1), "RGB")
         uv = np.stack([(index.reshape(-1) + 0.5) / len(colours), np.full(len(index), 0.5)], -1)
     image.save(folder / "materials" / "textures" / "texture.png")
-    v_obj = np.asarray(mesh.vertices) @ gso.OBJ_TO_BLENDER  # inverse of the importer's turn
+    v_obj = np.asarray(mesh.vertices) @ mesh_io.Z_UP_TO_Y_UP[:3, :3].T  # inverse of the importer's turn
     lines = ["mtllib model.mtl", "usemtl material_0"]
     lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in v_obj]
     lines += [f"vt {u:.6f} {v:.6f}" for u, v in uv]
@@ -119,7 +120,7 @@ def test_gso_prep_resumes_and_rejects_a_mesh_that_disagrees(prepared, fake_gso: 
     # The wrong axis convention must be caught by the render/mesh agreement check.
     copy = out.parent / "wrong_axes"
     shutil.copytree(out / "mug", copy)
-    monkeypatch.setattr(gso, "OBJ_TO_BLENDER", np.eye(3))
+    monkeypatch.setattr(gso, "load_mesh", lambda path: mesh_io.load_mesh(path, convert_axes=False))
     source = gso.find_objects(fake_gso)[0][1]
     with pytest.raises(ValueError, match="unit box|disagrees"):
         gso.write_gt_mesh(source, copy)

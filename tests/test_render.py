@@ -294,6 +294,8 @@ def test_export_object_keeps_colours_and_orientation(tmp_path: Path) -> None:
     assert np.isclose(loaded.extents[1], 0.9, atol=1e-3) and loaded.visual.kind == "vertex"
     crate = trimesh.load(procedural.export_object("crate", tmp_path / "crate.glb"), force="mesh")
     assert crate.visual.uv is not None and crate.visual.material.baseColorTexture is not None
+    # Blender multiplies baseColorFactor into the texture: it must be white, not trimesh's 0.4 grey.
+    assert np.array_equal(crate.visual.material.baseColorFactor, [255, 255, 255, 255])
     ply = trimesh.load(procedural.export_object("chair", tmp_path / "chair.ply"))
     assert np.isclose(ply.extents[2], 1.0) and len(np.unique(ply.visual.vertex_colors, axis=0)) >= 3
     with pytest.raises(ValueError, match="use .glb"):

@@ -9,16 +9,17 @@ Predictions (any method's meshes)::
 
     PRED/<object_id>.{glb,obj,ply}   or   PRED/<object_id>/mesh.{glb,obj,ply}   (glb preferred: keeps textures)
 
-Meshes are read with trimesh and their coordinates taken as stored, in nova3d's world frame
-(nova3d.cameras: +Z up, front -Y, input view at azimuth 0) — the frame our fusion exports and
-data_prep/gso.py writes mesh.glb in (no glTF Y-up conversion). `normalization` then says how the
-pair is put into one frame before the metrics:
+Meshes are read with nova3d.mesh_io.load_mesh into nova3d's world frame (nova3d.cameras: +Z up,
+front -Y, input view at azimuth 0): .glb/.gltf/.obj are Y-up files turned Z-up, .ply/.stl are taken
+as stored — the convention our fusion exports and data_prep/gso.py writes mesh.glb in.
+`normalization` then says how the pair is put into one frame before the metrics:
   "keep"        nothing changes (both already in the world frame);
   "unit_box"    each mesh's bounding box centred and its longest side scaled to 1 (SyncDreamer's
                 norm_coords; the GSO default: it removes scale/translation, keeps rotation);
   "input_view"  for methods whose meshes are expressed in the input camera's axes (x right,
-                y up, z towards the viewer, centred on the object): the prediction is rotated
-                into the world with cameras.json view 0's rotation, then both are unit-boxed.
+                y up, z towards the viewer, centred on the object): the prediction's stored
+                coordinates (no per-format turn: they already say which axis is which) are
+                rotated into the world with cameras.json view 0's rotation, then both are unit-boxed.
 Optional rigid ICP (off by default: it can hide real pose errors) follows. Every choice is a
 field of EvalProtocol and is written into the results, with the transforms applied.
 Appearance: the aligned prediction is mapped back into the GT render frame and rendered with
@@ -147,15 +148,13 @@ def _check_views(folder: Path, protocol: EvalProtocol) -> Cameras:
     return cams
 
 
-def load_mesh(path: Path) -> MeshData:
-    """A mesh file as MeshData; ValueError with the reason when it cannot be used."""
-    import trimesh
+def load_mesh(path: Path, convert_axes: bool = True) -> MeshData:
+    """A mesh file as MeshData in the world frame (convert_axes=False: coordinates as stored);
+    ValueError with the reason when it cannot be used."""
+    from nova3d import mesh_io
 
     try:
-        # allow_anywhere: an .mtl may name its texture as ../textures/x.png (GSO does)
-        resolver = trimesh.resolvers.FilePathResolver(str(path), allow_anywhere=True)
-        loaded = trimesh.load(str(path), process=False, resolver=resolver)
-        mesh = as_mesh_data(loaded)
+        mesh = as_mesh_data(mesh_io.load_mesh(path, convert_axes=convert_axes))
     except Exception as err:  # every loader fails its own way on a corrupt file
         first_line = (str(err).splitlines() or [""])[0]
         raise ValueError(f"cannot read {path.name}: {type(err).__name__}: {first_line}") from err
@@ -264,7 +263,7 @@ def evaluate_object(pred_mesh_path: str | Path | None, gt_folder: str | Path | G
         result.reason = "no prediction file" if path is None else f"{path} does not exist"
     else:
         try:
-            pred = load_mesh(path)
+            pred = load_mesh(path, convert_axes=protocol.normalization != "input_view")
             result.pred_colour = _colour_source(pred)
             _metrics(pred, gt, protocol, result, lpips_fn, device, backend)
         except Exception as err:  # noqa: BLE001 -- listed with its type, never crashes the set

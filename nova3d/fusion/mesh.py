@@ -23,8 +23,8 @@ import trimesh
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from nova3d.atomic import atomic_path
 from nova3d.errors import Nova3DError
+from nova3d.mesh_io import save_mesh
 
 MESH_FORMATS = ("glb", "obj", "ply")
 SdfFn = Callable[[Tensor], Tensor]
@@ -340,20 +340,15 @@ def _is_textured(mesh: trimesh.Trimesh) -> bool:
             and getattr(mesh.visual.material, "image", None) is not None)
 
 
-def _write_bytes(path: Path, data: bytes | str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
-
-
 def export_mesh(mesh: trimesh.Trimesh, out_dir: str | os.PathLike, stem: str = "mesh",
                 formats: list[str] | tuple[str, ...] = MESH_FORMATS) -> dict[str, Path]:
-    """Write `mesh` as out_dir/<stem>.<fmt> for each format; returns {fmt: path}.
+    """Write `mesh` (world frame) as out_dir/<stem>.<fmt> for each format; returns {fmt: path}.
 
-    Every file is written atomically. .glb carries vertex colours or the texture (PBR
-    baseColorTexture); .obj carries vertex colours ("v x y z r g b") or <stem>.mtl + the texture
-    PNG beside it (written before the .obj); .ply always carries vertex colours (a textured
-    mesh's texture is sampled at its vertices).
+    nova3d.mesh_io.save_mesh writes each file atomically in its format's axis convention
+    (.glb/.obj Y-up, so viewers and Blender show the object upright; .ply as stored). .glb
+    carries vertex colours or the texture (PBR baseColorTexture); .obj carries vertex colours
+    ("v x y z r g b") or <stem>.mtl + the texture PNG beside it (written before the .obj);
+    .ply always carries vertex colours (a textured mesh's texture is sampled at its vertices).
     """
     bad = [f for f in formats if f not in MESH_FORMATS]
     if bad:
@@ -363,21 +358,6 @@ def export_mesh(mesh: trimesh.Trimesh, out_dir: str | os.PathLike, stem: str = "
     textured = _is_textured(mesh)
     paths: dict[str, Path] = {}
     for fmt in formats:
-        path = out_dir / f"{stem}.{fmt}"
-        if fmt == "glb":
-            _write_bytes(path, mesh.export(file_type="glb"))
-        elif fmt == "ply":
-            _write_bytes(path, (texture_to_vertex_colors(mesh) if textured else mesh).export(file_type="ply"))
-        else:
-            from trimesh.exchange.obj import export_obj
-
-            if textured:  # the texture PNG is named after the material: keep stems apart
-                mesh = mesh.copy()
-                mesh.visual.material.name = stem
-            text, files = export_obj(mesh, include_normals=False, include_color=not textured,
-                                     include_texture=textured, return_texture=True, mtl_name=f"{stem}.mtl")
-            for name, data in files.items():  # the .mtl and its image first: the .obj names them
-                _write_bytes(out_dir / name, data)
-            _write_bytes(path, text)
-        paths[fmt] = path
+        out = texture_to_vertex_colors(mesh) if fmt == "ply" and textured else mesh
+        paths[fmt] = save_mesh(out, out_dir / f"{stem}.{fmt}")
     return paths
