@@ -113,6 +113,17 @@ def _fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_to_3d(args: argparse.Namespace) -> int:
+    from nova3d.generate import GenerateSettings
+    from nova3d.image_to_3d import image_to_3d, load_config, summary
+
+    settings = GenerateSettings(steps=args.steps, seed=args.seed, guidance=tuple(args.guidance),
+                                schedule=args.schedule, device=args.device)
+    cfg = load_config(args.fusion_experiment, args.overrides, device=args.device)
+    print(summary(image_to_3d(args.image, args.model, args.out, settings, cfg, log=lambda s: print(s, flush=True))))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova3d", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -157,6 +168,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="fusion/default",
                    help="fusion experiment: fusion/default, fusion/no_conflict, fusion/no_pose_refine, ...")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=300 export.uv_texture=true")
+
+    p = add("image-to-3d", "one image -> generated views -> fused textured mesh (generate + fuse in one command)",
+            _image_to_3d)
+    p.add_argument("--image", required=True, help="input image: an RGBA PNG (or RGB on a uniform background)")
+    p.add_argument("--model", required=True, help="a folder written by Nova3DPipeline.save_pretrained")
+    p.add_argument("--out", required=True, help="output folder: views/<image name>/, mesh.glb/.obj/.ply, pictures")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, nargs=2, default=[1.0, 3.0], metavar=("MIN", "MAX"),
+                   help="classifier-free guidance scale range over the views")
+    p.add_argument("--schedule", default="triangle", choices=["triangle", "linear", "constant"],
+                   help="guidance over the views: triangle (min at the input view), linear, constant")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (generation and fusion)")
+    p.add_argument("--fusion-experiment", default="fusion/default",
+                   help="fusion experiment: fusion/default, fusion/no_conflict, fusion/no_pose_refine, ...")
+    p.add_argument("overrides", nargs="*", help="fusion key=value overrides, e.g. optim.steps=300")
 
     p = add("export", "training checkpoint or run dir -> a pipeline folder for `nova3d generate --model`", _export)
     p.add_argument("source", metavar="RUN_OR_CKPT", help="a .ckpt file, or a run directory (its checkpoints/last.ckpt)")
