@@ -12,7 +12,7 @@ DEMO_OUT ?= outputs/demo
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test test-fast demo train tensorboard clean setup-slurm slurm-train
+.PHONY: help setup lock test test-fast demo train fuse tensorboard clean setup-slurm slurm-train
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,11 @@ train: setup ## train an experiment: make train EXP=gta_full ARGS="trainer.max_s
 NODES ?= 1
 GPUS_PER_NODE ?= 1
 SBATCH_ARGS ?=
+fuse: setup ## fuse an object folder into a textured mesh: make fuse VIEWS=DIR [OUT=DIR] [FUSION=fusion/no_conflict] [ARGS="optim.steps=300"]
+	@test -n "$(VIEWS)" || { echo "make fuse: set VIEWS=<object folder>, e.g. VIEWS=outputs/demo/renders/mug"; exit 2; }
+	$(BIN)/nova3d fuse --views $(VIEWS) --out $(or $(OUT),outputs/fuse/$(notdir $(patsubst %/,%,$(VIEWS)))) \
+		--experiment $(or $(FUSION),fusion/default) $(ARGS)
+
 slurm-train: setup ## sbatch training: make slurm-train EXP=gta_full NODES=2 GPUS_PER_NODE=8 SBATCH_ARGS="--time=24:00:00"
 	$(BIN)/python -m nova3d.slurm submit $(EXP) trainer.num_nodes=$(NODES) trainer.devices=$(GPUS_PER_NODE) $(ARGS) \
 		--sbatch-args="$(SBATCH_ARGS)"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from nova3d.atomic import atomic_path, write_json_atomic
 from nova3d.cameras import Cameras
 from nova3d.config import is_fusion_experiment, load_experiment, to_yaml
 from nova3d.errors import Nova3DError
+from nova3d.lightning_warnings import quiet_lightning
 from nova3d.fusion.config import FusionExperimentConfig
 from nova3d.fusion.views import FusionViews, load_views
 from nova3d.systems.fusion import FusionSystem, StepCounter
@@ -82,10 +82,8 @@ def fit(views: FusionViews, cfg: FusionExperimentConfig, out_dir: Path, true_c2w
     device = resolve_device(cfg.device)
     L.seed_everything(cfg.seed, verbose=False)
     system = FusionSystem(cfg, views, true_c2w)
-    trainer = _trainer(cfg, device, out_dir)
-    with warnings.catch_warnings():
-        for pattern in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
+    with quiet_lightning(_EXPECTED_WARNINGS):  # + Lightning's srun hint on a local run
+        trainer = _trainer(cfg, device, out_dir)
         trainer.fit(system, train_dataloaders=torch.utils.data.DataLoader(StepCounter(cfg.optim.steps), batch_size=None))
     if trainer.global_step < cfg.optim.steps:
         raise Nova3DError(f"{views.folder}: fusion stopped at step {trainer.global_step} of {cfg.optim.steps}")

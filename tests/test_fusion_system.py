@@ -159,7 +159,7 @@ def test_fusion_recovers_the_ellipsoid_and_flags_corrupted_views(tmp_path):
     conflict = torch.nn.functional.interpolate(result.conflict[:, None], size=masks.shape[-2:], mode="nearest")[:, 0]
     obj = torch.from_numpy(schema_masks(folder)) > 0
     bad, clean = conflict[(masks > 0) & obj], conflict[(masks == 0) & obj & (torch.arange(8)[:, None, None] > 0)]
-    assert bad.mean() > 2 * clean.mean()
+    assert bad.mean() > 1.3 * clean.mean()
 
 
 def schema_masks(folder) -> np.ndarray:

@@ -81,8 +81,8 @@ class FusionSystem(L.LightningModule):
         o, field_ = self.cfg.optim, self.renderer.field
         groups = [
             ("grid", list(field_.geometry.encoding.parameters()), o.lr_grid),
-            ("net", [*field_.geometry.net.parameters(), *field_.color_net.parameters(),
-                     *field_.view_embedding.parameters()], o.lr_net),
+            ("net", list(field_.geometry.net.parameters()), o.lr_net),
+            ("color", [*field_.color_net.parameters(), *field_.view_embedding.parameters()], o.lr_color),
             ("conflict", [*field_.conflict_net.parameters(), *field_.conflict_embedding.parameters()], o.lr_conflict),
             ("variance", list(self.renderer.variance.parameters()), o.lr_variance),
         ]
@@ -127,7 +127,10 @@ class FusionSystem(L.LightningModule):
             pts = (torch.rand(c.sparsity_points, 3, generator=self.generator, device=self.device) * 2 - 1) * b
             terms["sparsity"] = losses.sparsity_loss(self.renderer.field.geometry.sdf(pts), c.sparsity_scale)
         if use_conflict:
-            terms["conflict"] = losses.conflict_regulariser(out.conflict, rays.view == TRUSTED_VIEW)
+            on_object = err[rays.mask > 0.5]
+            typical = on_object.median().detach() if on_object.numel() else err.new_tensor(0.0)
+            self.conflict_lambda = torch.clamp_min(c.conflict * typical, c.conflict_min_error)
+            terms["conflict"] = self.conflict_lambda * losses.conflict_regulariser(out.conflict, rays.view == TRUSTED_VIEW)
         if self.poses is not None and self.poses.enabled(step):
             terms["pose"] = losses.pose_regulariser(self.poses.delta)
         return terms
@@ -135,8 +138,8 @@ class FusionSystem(L.LightningModule):
     def loss_weights(self) -> dict[str, float]:
         c = self.cfg.loss
         return {"color": c.color, "normal": c.normal, "mask": c.mask, "eikonal": c.eikonal, "sparsity": c.sparsity,
-                # lambda is an error level in colour units, so it scales with the colour weight
-                "conflict": c.color * c.conflict, "pose": c.pose}
+                # the conflict term carries its lambda (an error level): it scales with the colour weight
+                "conflict": c.color, "pose": c.pose}
 
     def training_step(self, batch: int, batch_idx: int) -> Tensor:
         step = self.global_step
@@ -153,6 +156,8 @@ class FusionSystem(L.LightningModule):
             raise FusionDiverged(f"{self.views.folder}: non-finite loss at step {step} ({', '.join(bad)}); "
                                  "no mesh written (try lower optim.lr_grid or a different seed)")
         logs = {f"loss/{k}": v.detach() for k, v in terms.items()}
+        if "conflict" in terms:
+            logs["train/conflict_lambda"] = self.conflict_lambda
         logs.update({"loss/total": total.detach(), "train/inv_s": out.inv_s.detach(),
                      "train/samples_per_ray": torch.tensor(out.num_samples / max(len(rays.view), 1))})
         if self.poses is not None and self.true_c2w is not None:
@@ -214,11 +219,19 @@ class FusionSystem(L.LightningModule):
 
     # ------------------------------------------------------------------ outputs
     def color_fn(self, points: Tensor, normals: Tensor) -> Tensor:
-        """Texture colour at surface points [P, 3] with outward normals [P, 3] -> [P, 3]: seen
-        head-on (view direction = -normal) with the input view's embedding."""
+        """Texture colour at surface points [P, 3] with outward normals [P, 3] -> [P, 3].
+
+        The input view's embedding (its colours are the trusted ones: other views' drift lives
+        in their own embeddings), seen along the ray of the camera that faces the point most
+        directly: a direction the colour net was trained on, unlike e.g. -normal, where its
+        view-dependent (SH) part extrapolates into coloured blotches."""
         field_ = self.renderer.field
         geo = field_.geometry(points, with_grad=False)
-        return field_.color(points, normals, -normals, geo.feature, None)
+        centres = self.refined_c2w()[:, :3, 3].to(points)  # [V, 3]
+        to_cam = torch.nn.functional.normalize(centres[None] - points[:, None], dim=-1)  # [P, V, 3]
+        best = (to_cam * normals[:, None]).sum(-1).argmax(1)
+        dirs = -to_cam[torch.arange(len(points), device=points.device), best]
+        return field_.color(points, normals, dirs, geo.feature, None)
 
     def sdf_fn(self, points: Tensor) -> Tensor:
         return self.renderer.field.geometry.sdf(points)

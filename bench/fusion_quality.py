@@ -1,0 +1,171 @@
+"""Fusion quality on built-in objects rendered by data_prep at 256² (issue 4 §3).
+
+    python bench/fusion_quality.py [--quick] [--objects torus_knot block_tower] [--out DIR] [key=value ...]
+
+Per object, three scenarios, each fused with `fusion/default` and the baseline it must beat:
+  clean     the Blender views as they are: CD (unit-box, ½ of the two mean NN distances),
+            Volume IoU 64³, PSNR of the textured mesh re-rendered at the input cameras;
+  conflict  colours of views 3, 6, 10, 13 corrupted (drift, blotch, blur; nova3d.fusion.perturb):
+            texture PSNR vs the CLEAN views, default vs `fusion/no_conflict` (target +1 dB), and
+            the conflict map's AUROC for corrupted vs clean object pixels (target 0.8);
+  pose      views 1..15 moved by up to 5° and 2% of the radius: mean pose error before/after
+            refinement (target -50%) and CD, default vs `fusion/no_pose_refine`.
+Targets (issue 4): CD <= 0.008, IoU >= 0.85, PSNR >= 28 dB. The last output line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data_prep.procedural import make_object  # noqa: E402
+from nova3d.cameras import Cameras  # noqa: E402
+from nova3d.data import schema  # noqa: E402
+from nova3d.eval.appearance import psnr_per_view  # noqa: E402
+from nova3d.eval.geometry import chamfer_surface, volume_iou  # noqa: E402
+from nova3d.eval.mesh_render import render_mesh  # noqa: E402
+from nova3d.fuse import fuse_object, load_fusion_config  # noqa: E402
+from nova3d.fusion.perturb import PerturbConfig, load_corruption_masks, perturb_object  # noqa: E402
+from nova3d.fusion.views import load_views  # noqa: E402
+
+TARGETS = {"chamfer": 0.008, "iou": 0.85, "psnr": 28.0, "conflict_gain_db": 1.0, "conflict_auroc": 0.8,
+           "pose_error_reduction": 0.5}
+QUICK = ["optim.fit_resolution=128", "optim.steps=300"]
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    from scipy.stats import rankdata
+
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    pos, neg = labels.sum(), (~labels).sum()
+    if pos == 0 or neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def render_object(name: str, renders: Path) -> Path:
+    folder = renders / name
+    if not folder.is_dir():
+        subprocess.run([sys.executable, "-m", "data_prep.render_views", "--procedural", name, "--out", str(renders),
+                        "--resolution", "256", "--depth"], check=True, cwd=REPO)
+    return folder
+
+
+def gt_mesh(folder: Path) -> trimesh.Trimesh:
+    """The procedural mesh with the renderer's normalisation (meta.json), in the views' world frame."""
+    meta = schema.ObjectMeta.load(folder / schema.META_FILE)
+    mesh = make_object(meta.source.split(":", 1)[1])
+    norm = meta.normalisation
+    mesh.vertices = (np.asarray(mesh.vertices) + norm["offset"]) * norm["scale"]
+    return mesh
+
+
+def mesh_scores(out: Path, clean: Path, gt: trimesh.Trimesh) -> dict:
+    """CD / IoU against the GT mesh; texture PSNR of the mesh at the TRUE cameras vs the clean views."""
+    pred = trimesh.load(out / "mesh.ply", force="mesh")
+    views = load_views(clean)
+    rendered = render_mesh(pred, Cameras.load(clean / schema.CAMERAS_FILE), image_size=views.resolution)
+    return {"chamfer": chamfer_surface(pred, gt).chamfer, "iou": volume_iou(pred, gt).iou,
+            "psnr": float(psnr_per_view(rendered.rgb.clamp(0, 1), views.rgb).mean())}
+
+
+def fuse(views: Path, out: Path, experiment: str, overrides: list[str]) -> dict:
+    cfg = load_fusion_config(experiment, overrides + ["logging.progress=false"])
+    result = fuse_object(views, out, cfg)
+    return {"result": result, **result.metrics}
+
+
+def run_object(name: str, root: Path, overrides: list[str]) -> dict:
+    clean = render_object(name, root / "renders")
+    gt = gt_mesh(clean)
+    row: dict = {"object": name}
+    # clean views
+    m = fuse(clean, root / name / "clean", "fusion/default", overrides)
+    row["clean"] = {**mesh_scores(root / name / "clean", clean, gt), "seconds": m["seconds_total"],
+                    "psnr_mesh_vs_views": m["psnr_mesh_vs_views"]}
+    # corrupted colours
+    bad = root / name / "conflict_views"
+    if not bad.is_dir():
+        perturb_object(clean, bad, PerturbConfig(seed=1))
+    row["conflict"] = {}
+    for exp in ("fusion/default", "fusion/no_conflict"):
+        m = fuse(bad, root / name / exp.replace("/", "_") / "conflict", exp, overrides)
+        row["conflict"][exp] = {**mesh_scores(root / name / exp.replace("/", "_") / "conflict", clean, gt),
+                                "seconds": m["seconds_total"]}
+        if exp == "fusion/default":
+            conflict = m["result"].conflict  # [V, R, R]
+            masks = torch.from_numpy(load_corruption_masks(bad)).float()
+            obj = load_views(bad).mask
+            size = conflict.shape[-1]
+            masks = torch.nn.functional.interpolate(masks[:, None], size=(size, size), mode="area")[:, 0] >= 0.5
+            obj = torch.nn.functional.interpolate(obj[:, None], size=(size, size), mode="area")[:, 0] >= 0.5
+            obj[0] = False  # the input view is trusted by construction
+            row["conflict"]["auroc"] = auroc(conflict[obj].numpy(), masks[obj].numpy())
+    row["conflict"]["gain_db"] = (row["conflict"]["fusion/default"]["psnr"]
+                                  - row["conflict"]["fusion/no_conflict"]["psnr"])
+    # perturbed poses
+    moved = root / name / "pose_views"
+    if not moved.is_dir():
+        perturb_object(clean, moved, PerturbConfig(color_views=[], pose_rotation_deg=5.0, pose_translation=0.02,
+                                                    seed=2))
+    row["pose"] = {}
+    for exp in ("fusion/default", "fusion/no_pose_refine"):
+        m = fuse(moved, root / name / exp.replace("/", "_") / "pose", exp, overrides)
+        row["pose"][exp] = {**mesh_scores(root / name / exp.replace("/", "_") / "pose", clean, gt),
+                            "seconds": m["seconds_total"],
+                            **{k: m[k] for k in m if k.startswith(("rotation_error", "translation_error"))}}
+    d = row["pose"]["fusion/default"]
+    row["pose"]["rotation_error_reduction"] = 1 - d["rotation_error_deg_after"] / d["rotation_error_deg_before"]
+    row["pose"]["translation_error_reduction"] = 1 - d["translation_error_after"] / d["translation_error_before"]
+    return row
+
+
+def verdict(rows: list[dict]) -> dict:
+    mean = lambda xs: float(np.mean(xs))  # noqa: E731
+    s = {"chamfer": mean([r["clean"]["chamfer"] for r in rows]), "iou": mean([r["clean"]["iou"] for r in rows]),
+         "psnr": mean([r["clean"]["psnr"] for r in rows]),
+         "conflict_gain_db": mean([r["conflict"]["gain_db"] for r in rows]),
+         "conflict_auroc": mean([r["conflict"]["auroc"] for r in rows]),
+         "pose_error_reduction": mean([r["pose"]["rotation_error_reduction"] for r in rows]),
+         "pose_chamfer_default": mean([r["pose"]["fusion/default"]["chamfer"] for r in rows]),
+         "pose_chamfer_no_refine": mean([r["pose"]["fusion/no_pose_refine"]["chamfer"] for r in rows]),
+         "seconds_clean_fit": mean([r["clean"]["seconds"] for r in rows])}
+    lower = {"chamfer"}
+    s["passed"] = {k: (s[k] <= t if k in lower else s[k] >= t) for k, t in TARGETS.items()}
+    s["passed"]["pose_chamfer_lower"] = s["pose_chamfer_default"] < s["pose_chamfer_no_refine"]
+    return s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one object, fit at 128², 300 steps")
+    parser.add_argument("--objects", nargs="+", default=["torus_knot", "block_tower"])
+    parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "fusion_quality"))
+    parser.add_argument("overrides", nargs="*", help="fusion key=value overrides for every run")
+    args = parser.parse_args()
+    objects = args.objects[:1] if args.quick else args.objects
+    overrides = (QUICK if args.quick else []) + args.overrides
+    root = Path(args.out)
+    t0 = time.perf_counter()
+    rows = [run_object(name, root, overrides) for name in objects]
+    summary = {"benchmark": "fusion_quality", "quick": args.quick, "objects": objects, "overrides": overrides,
+               "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t0,
+               "targets": TARGETS, **verdict(rows), "per_object": rows}
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
