@@ -47,14 +47,14 @@ demo: setup ## render the built-in objects, pack shards, write a contact sheet t
 train: setup ## train an experiment: make train EXP=gta_full ARGS="trainer.max_steps=10" (EXP defaults to tiny)
 	$(BIN)/python -m nova3d.train $(EXP) $(ARGS)
 
-NODES ?= 1
-GPUS_PER_NODE ?= 1
-SBATCH_ARGS ?=
 fuse: setup ## fuse an object folder into a textured mesh: make fuse VIEWS=DIR [OUT=DIR] [FUSION=fusion/no_conflict] [ARGS="optim.steps=300"]
 	@test -n "$(VIEWS)" || { echo "make fuse: set VIEWS=<object folder>, e.g. VIEWS=outputs/demo/renders/mug"; exit 2; }
 	$(BIN)/nova3d fuse --views $(VIEWS) --out $(or $(OUT),outputs/fuse/$(notdir $(patsubst %/,%,$(VIEWS)))) \
 		--experiment $(or $(FUSION),fusion/default) $(ARGS)
 
+NODES ?= 1
+GPUS_PER_NODE ?= 1
+SBATCH_ARGS ?=
 slurm-train: setup ## sbatch training: make slurm-train EXP=gta_full NODES=2 GPUS_PER_NODE=8 SBATCH_ARGS="--time=24:00:00"
 	$(BIN)/python -m nova3d.slurm submit $(EXP) trainer.num_nodes=$(NODES) trainer.devices=$(GPUS_PER_NODE) $(ARGS) \
 		--sbatch-args="$(SBATCH_ARGS)"
