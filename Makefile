@@ -38,11 +38,12 @@ test: setup $(if $(IS_ROOT),setup-slurm) ## the CPU test suite (fast + slow tier
 test-fast: setup ## only the fast tier
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
 
-demo: setup ## render the built-in objects, pack shards, write a contact sheet to outputs/demo/
+demo: setup ## built-in objects -> shards + contact sheet, then perturb -> fuse x3 -> eval -> outputs/demo/report.md (<10 min CPU)
 	$(BIN)/python -m data_prep.render_views --procedural --out $(DEMO_OUT)/renders --resolution 256
 	$(BIN)/python -m data_prep.write_shards $(DEMO_OUT)/renders --out $(DEMO_OUT)/shards
 	$(BIN)/nova3d inspect-shards $(DEMO_OUT)/shards
 	$(BIN)/nova3d contact-sheet $(DEMO_OUT)/shards --out $(DEMO_OUT)/contact_sheet.png
+	$(BIN)/python -m nova3d.demo --out $(DEMO_OUT)
 
 train: setup ## train an experiment: make train EXP=gta_full ARGS="trainer.max_steps=10" (EXP defaults to tiny)
 	$(BIN)/python -m nova3d.train $(EXP) $(ARGS)

@@ -1,0 +1,339 @@
+"""`make demo`: the whole method on a built-in object, no downloads, CPU minutes (issue 5 §3).
+
+    python -m nova3d.demo [--out outputs/demo] [--object torus_knot] [--quick]
+
+Stages (a progress line with the elapsed time each):
+  1. render the built-in object with Blender (16 views at 256², depth on) + its GT mesh.glb
+     (data_prep.gso's writer): OUT/gt/<object>/, what `nova3d eval --gt OUT/gt` reads;
+  2. simulate generation errors (nova3d.fusion.perturb): colour corruption of 4 non-input views
+     (drift, blotch, blur) and pose errors of views 1..15 (up to 3° / 1% of the radius):
+     OUT/perturbed/<object>/, plus OUT/views_clean_vs_perturbed.png;
+  3. de-conflict fusion of the perturbed views three times, `fusion/default` and the
+     `fusion/no_conflict` / `fusion/no_pose_refine` baselines: OUT/fusion/<run>/<object>/ (what
+     `nova3d fuse` writes: mesh.glb, turntable.gif, conflict_maps.png, metrics.json, ...);
+  4. the GSO protocol (nova3d.eval.protocol) on each mesh against the CLEAN ground truth:
+     OUT/fusion/<run>/<object>/eval/ (summary.json, per_object.csv, summary.md: `nova3d report` reads it);
+  5. conflict-map AUROC against the true corruption masks (object pixels of non-input views) and
+     OUT/conflict_vs_truth.png (views | conflict maps | true corruption) of the default run;
+  6. OUT/report.md (pictures, metrics table, the default run against each baseline) + OUT/demo.json.
+The Blender render is kept between runs (delete OUT/gt to redo it); everything else is redone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nova3d.atomic import write_json_atomic
+from nova3d.errors import Nova3DError
+from nova3d.fusion.perturb import PerturbConfig
+
+DEMO_OBJECT = "torus_knot"  # no hidden cavities: a mug's inside is invisible at elevation 0 and ruins IoU
+RUNS = {"default": "fusion/default", "no_conflict": "fusion/no_conflict", "no_pose_refine": "fusion/no_pose_refine"}
+# The one place the demo's fusion budget is set: three fits + exports of 16 views must fit, with the
+# renders and evaluation, in `make demo`'s 10 minutes on 2 shared CPU cores (measured: ~100 s a run with
+# 1 thread at load ~3, docs/benchmarks.md). Budget only: fewer, cheaper steps (fit at 96², the conflict
+# maps are rendered at that size too; a hash grid of 8 levels / 2^15 rows), with the pose and conflict
+# start steps scaled to the shorter schedule (fusion/default: 100 and 200 of 600 steps).
+DEMO_FUSION = ("optim.fit_resolution=96", "optim.steps=240", "optim.rays=512", "optim.pose_start_step=40",
+               "loss.conflict_start_step=80", "field.hashgrid.levels=8", "field.hashgrid.log2_table_size=15",
+               "field.hashgrid.max_resolution=256", "export.resolution=128", "logging.preview_every_n_steps=0",
+               "logging.progress=false")
+QUICK_FUSION = ("optim.fit_resolution=64", "optim.steps=60", "optim.rays=256", "optim.warmup_steps=2",
+                "optim.pose_start_step=20", "loss.conflict_start_step=20", "field.hashgrid.levels=6",
+                "field.hashgrid.log2_table_size=14", "field.hashgrid.max_resolution=128", "render.num_steps=64",
+                "render.occupancy.resolution=32", "export.resolution=64", "logging.turntable_frames=8",
+                "logging.preview_every_n_steps=0", "logging.progress=false")
+DEMO_PERTURB = PerturbConfig(color_views=[3, 6, 10, 13], kinds=["drift", "blotch", "blur"],
+                             pose_rotation_deg=3.0, pose_translation=0.01, pose_magnitude="uniform", seed=0)
+RENDER_RESOLUTION, RENDER_SAMPLES = 256, 8
+VIEWS_SHEET, CONFLICT_SHEET, REPORT, RECORD = ("views_clean_vs_perturbed.png", "conflict_vs_truth.png",
+                                               "report.md", "demo.json")
+
+
+class Progress:
+    """`[demo  12.3s] message` lines: where the time goes, stage by stage."""
+
+    def __init__(self, enabled: bool = True):
+        self.start, self.enabled = time.perf_counter(), enabled
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[demo {self.elapsed():6.1f}s] {message}", flush=True)
+
+
+@dataclass
+class RunResult:
+    """One fusion run of the demo, fused and scored."""
+
+    name: str  # key of RUNS
+    experiment: str
+    out_dir: Path  # what nova3d fuse wrote (mesh.glb, turntable.gif, metrics.json, eval/ ...)
+    metrics: dict  # metrics.json
+    scores: dict  # chamfer, volume_iou, psnr, ssim, lpips (ObjectResult.scalars()) + status
+    conflict_auroc: float | None = None  # None: the run has no conflict maps
+    conflict_max: float | None = None  # largest conflict value over views 1.. (None: no conflict maps)
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    object_id: str
+    gt_folder: Path
+    perturbed: Path
+    runs: dict[str, RunResult]
+    fusion_overrides: list[str]
+    perturb: dict  # PerturbConfig fields
+    lpips_reason: str | None
+    views_sheet: Path
+    conflict_sheet: Path | None
+    protocol: dict = field(default_factory=dict)  # EvalProtocol fields
+    gt_meta: dict = field(default_factory=dict)  # the GT folder's meta.json
+    report: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+
+
+# ---------------------------------------------------------------- stage 1: ground truth
+
+def render_ground_truth(name: str, gt_root: str | Path, resolution: int = RENDER_RESOLUTION,
+                        samples: int = RENDER_SAMPLES, progress: bool = True) -> Path:
+    """Render procedural object `name` with Blender (16 views, depth on) into gt_root/<name>/ and
+    write its GT mesh.glb in the renders' normalised frame; kept if already there. Returns the folder."""
+    from data_prep.gso import GT_MESH, write_gt_mesh
+    from data_prep.render_io import ObjectSource, RenderSettings, collect_sources
+    from data_prep.render_views import render_objects
+    from data_prep.procedural import export_object
+
+    source = collect_sources([], [name])[0]  # Nova3DError for an unknown name
+    folder = Path(gt_root) / source.object_id
+    if not (folder / GT_MESH).is_file():
+        settings = RenderSettings(resolution=resolution, samples=samples, depth=True)
+        summary = render_objects([source], gt_root, settings, progress=progress)
+        if summary.failed:
+            raise Nova3DError(f"{folder}: Blender render failed: {summary.failed[0]['reason']}")
+        with tempfile.TemporaryDirectory() as tmp:  # the same glTF the renderer imported
+            mesh_file = export_object(name, Path(tmp) / f"{name}.glb")
+            try:
+                write_gt_mesh(ObjectSource(source.object_id, source.source, path=mesh_file), folder)
+            except ValueError as err:
+                raise Nova3DError(f"{folder / GT_MESH}: {err}") from err
+    return folder
+
+
+# ---------------------------------------------------------------- stage 2: perturbed input
+
+def views_sheet(clean: str | Path, perturbed: str | Path, out_path: str | Path, tile: int = 96) -> Path:
+    """One PNG: the clean views (row 1) over the perturbed ones (row 2), labelled with what
+    perturb did to each view (corruption kind, camera rotation)."""
+    from PIL import Image, ImageDraw
+
+    from nova3d.data.shards import read_object_folder
+    from nova3d.fusion.perturb import PerturbRecord
+    from nova3d.viz import save_png_atomic
+
+    record = PerturbRecord.load(perturbed)
+    rows = []
+    for folder in (clean, perturbed):
+        rgba = read_object_folder(folder).rgba.astype(np.float32) / 255  # [V, 4, H, W]
+        on_white = rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])
+        rows.append([Image.fromarray((v.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)).resize((tile, tile))
+                     for v in on_white])
+    V, label_h = len(rows[0]), 26
+    sheet = Image.new("RGB", (V * tile, 2 * (tile + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, images in enumerate(rows):
+        y = r * (tile + label_h)
+        for v, image in enumerate(images):
+            sheet.paste(image, (v * tile, y + label_h))
+            if r == 0:
+                draw.text((v * tile + 3, y + 1), f"clean {v}", fill="black")
+            else:
+                kind = record.view_kinds[v] or ("input" if v == record.input_view else "")
+                draw.text((v * tile + 3, y + 1), f"{v} {kind}", fill="red" if record.view_kinds[v] else "black")
+                draw.text((v * tile + 3, y + 13), f"{record.rotation_deg[v]:.1f}deg", fill="black")
+    return save_png_atomic(sheet, out_path)
+
+
+# ---------------------------------------------------------------- stages 3-5: fuse, score
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of `scores` separating labels True from False (ties count half:
+    the Mann-Whitney U statistic with average ranks). NaN when either class is empty."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"auroc: {s.size} scores but {y.size} labels")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based average rank of each tie group
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def conflict_auroc(conflict: torch.Tensor, corrupted: np.ndarray, object_mask: np.ndarray,
+                   input_view: int = 0) -> float:
+    """AUROC of the conflict maps [V, R, R] against the true corruption masks [V, H, W] (bool),
+    over object pixels (object_mask [V, H, W] > 0) of the non-input views; the maps are
+    nearest-upsampled to H x W."""
+    V, H, W = corrupted.shape
+    up = torch.nn.functional.interpolate(conflict.float()[:, None], size=(H, W), mode="nearest")[:, 0].numpy()
+    keep = (object_mask > 0) & (np.arange(V) != input_view)[:, None, None]
+    return auroc(up[keep], corrupted[keep])
+
+
+def score_mesh(mesh_path: str | Path, gt_folder: str | Path, out_dir: str | Path | None, protocol=None,
+               lpips: tuple | None = None) -> "ObjectResult":  # noqa: F821
+    """The GSO protocol on one mesh against one GT object folder; with out_dir, the result is
+    written there as `nova3d eval` writes a set (summary.json, per_object.csv, summary.md).
+    lpips: appearance.load_lpips()'s (function, reason), loaded here when None."""
+    from nova3d.eval import geometry
+    from nova3d.eval.appearance import load_lpips
+    from nova3d.eval.protocol import PROTOCOLS, evaluate_object, protocol_overrides, versions
+    from nova3d.eval.results import EvalSummary
+
+    protocol = protocol or PROTOCOLS["gso"]
+    if lpips is None:
+        lpips = load_lpips(protocol.lpips_net) if protocol.lpips else (None, "LPIPS disabled by the protocol")
+    result = evaluate_object(mesh_path, gt_folder, protocol, lpips_fn=lpips[0])
+    if out_dir is not None:
+        EvalSummary(protocol=dataclasses.asdict(protocol), protocol_overrides=protocol_overrides(protocol),
+                    objects=[result], lpips_reason=lpips[1], versions=versions(),
+                    environment={"device": "cpu", "render_backend": protocol.render_backend,
+                                 "nn_backend": geometry.nn_backend("cpu"), "torch_threads": torch.get_num_threads()},
+                    pred_dir=str(Path(mesh_path).parent), gt_dir=str(Path(gt_folder).parent),
+                    seconds=result.seconds).write(out_dir)
+    return result
+
+
+def fuse_and_score(name: str, perturbed: Path, gt_folder: Path, out_dir: Path, overrides: Sequence[str],
+                   protocol, lpips) -> tuple[RunResult, "FuseResult"]:  # noqa: F821
+    from nova3d.data.shards import read_object_folder
+    from nova3d.fuse import fuse_object, load_fusion_config
+    from nova3d.fusion.perturb import load_corruption_masks
+
+    cfg = load_fusion_config(RUNS[name], list(overrides))
+    fused = fuse_object(perturbed, out_dir, cfg)
+    result = score_mesh(fused.meshes["glb"], gt_folder, out_dir / "eval", protocol, lpips)
+    scores = {**result.scalars(), "status": result.status, "reason": result.reason}
+    auc = peak = None
+    if cfg.loss.conflict_maps and cfg.loss.conflict > 0:
+        sample = read_object_folder(perturbed)
+        auc = conflict_auroc(fused.conflict, load_corruption_masks(perturbed), sample.mask,
+                             sample.cameras.input_view)
+        others = [v for v in range(len(fused.conflict)) if v != sample.cameras.input_view]
+        peak = float(fused.conflict[others].max())
+    return RunResult(name, RUNS[name], out_dir, fused.metrics, scores, auc, peak), fused
+
+
+def run_demo(gt_folder: str | Path, out: str | Path, fusion_overrides: Sequence[str] = DEMO_FUSION,
+             perturb: PerturbConfig = DEMO_PERTURB, runs: Sequence[str] = tuple(RUNS), protocol=None,
+             progress: Progress | None = None, seconds: dict[str, float] | None = None) -> DemoResult:
+    """Stages 2-6 (module docstring) on a ready GT object folder (with mesh.glb); returns what was made."""
+    from nova3d.demo_report import write_report
+    from nova3d.eval.appearance import load_lpips
+    from nova3d.eval.protocol import get_protocol
+    from nova3d.fusion.perturb import load_corruption_masks, perturb_object
+    from nova3d.fusion.preview import conflict_sheet
+
+    log = progress or Progress(False)
+    gt_folder, out = Path(gt_folder), Path(out)
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown or "default" not in runs:
+        raise Nova3DError(f"demo runs {list(runs)}: must include 'default', known: {', '.join(RUNS)}")
+    object_id = gt_folder.name
+    perturbed = out / "perturbed" / object_id
+    for stale in (out / "perturbed", out / "fusion"):  # the demo's own folders: redone every time
+        shutil.rmtree(stale, ignore_errors=True)
+    seconds, t = dict(seconds or {}), time.perf_counter()  # + earlier stages' times (the render)
+
+    log(f"perturb {object_id}: colour corruption of views {perturb.color_views}, poses up to "
+        f"{perturb.pose_rotation_deg:g} deg / {perturb.pose_translation:.0%} radius")
+    perturb_object(gt_folder, perturbed, perturb)
+    sheet = views_sheet(gt_folder, perturbed, out / VIEWS_SHEET)
+    seconds["perturb"] = time.perf_counter() - t
+
+    proto = protocol or get_protocol("gso")
+    lpips = load_lpips(proto.lpips_net) if proto.lpips else (None, "LPIPS disabled by the protocol")
+    results, conflict_png = {}, None
+    for name in runs:
+        t = time.perf_counter()
+        log(f"fuse {name} ({RUNS[name]}) ...")
+        run, fused = fuse_and_score(name, perturbed, gt_folder, out / "fusion" / name / object_id,
+                                    fusion_overrides, proto, lpips)
+        results[name] = run
+        if name == "default":
+            masks = load_corruption_masks(perturbed)
+            conflict_png = conflict_sheet(fused.views.rgb.cpu(), fused.conflict, out / CONFLICT_SHEET, truth=masks)
+        seconds[f"fuse+eval {name}"] = time.perf_counter() - t
+        s = run.scores
+        log(f"  {name}: fit {run.metrics['seconds_fit']:.0f}s, CD {s['chamfer'] or float('nan'):.4f}, "
+            f"IoU {s['volume_iou'] or float('nan'):.3f}, PSNR {s['psnr'] or float('nan'):.2f}"
+            + ("" if run.conflict_auroc is None else f", conflict AUROC {run.conflict_auroc:.3f}"))
+        del fused  # the fields of one run are not needed by the next
+
+    demo = DemoResult(out, object_id, gt_folder, perturbed, results, list(fusion_overrides),
+                      dataclasses.asdict(perturb), lpips[1], sheet, conflict_png, protocol=dataclasses.asdict(proto),
+                      gt_meta=json.loads((gt_folder / "meta.json").read_text()), seconds=seconds)
+    demo.report = write_report(demo, out / REPORT)
+    write_json_atomic(out / RECORD, _record(demo))
+    log(f"wrote {demo.report}")
+    return demo
+
+
+def _record(demo: DemoResult) -> dict:
+    """demo.json: every number of the report, machine-readable."""
+    return {"object_id": demo.object_id, "gt_folder": str(demo.gt_folder), "perturbed": str(demo.perturbed),
+            "fusion_overrides": demo.fusion_overrides, "perturb": demo.perturb, "lpips_reason": demo.lpips_reason,
+            "seconds": demo.seconds,
+            "runs": {n: {"experiment": r.experiment, "out_dir": str(r.out_dir), "metrics": r.metrics,
+                         "scores": {k: (v if not isinstance(v, float) or np.isfinite(v) else str(v))
+                                    for k, v in r.scores.items()},
+                         "conflict_auroc": r.conflict_auroc, "conflict_max": r.conflict_max}
+                     for n, r in demo.runs.items()}}
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    from data_prep.procedural import PROCEDURAL_OBJECTS
+
+    p = argparse.ArgumentParser(prog="python -m nova3d.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    p.add_argument("--object", default=DEMO_OBJECT, choices=sorted(PROCEDURAL_OBJECTS),
+                   help=f"built-in object (default: {DEMO_OBJECT})")
+    p.add_argument("--quick", action="store_true", help="tiny fusion (about a minute): checks the chain, "
+                                                        "not the method")
+    args = p.parse_args(argv)
+    log = Progress()
+    try:
+        out = Path(args.out)
+        log(f"render {args.object} with Blender ({RENDER_RESOLUTION}², 16 views, depth) + GT mesh ...")
+        t = time.perf_counter()
+        gt = render_ground_truth(args.object, out / "gt")
+        demo = run_demo(gt, out, QUICK_FUSION if args.quick else DEMO_FUSION, progress=log,
+                        seconds={"render + GT mesh": time.perf_counter() - t})
+    except Nova3DError as err:
+        print(f"nova3d demo: error: {err}", file=sys.stderr)
+        return 2
+    log(f"done in {log.elapsed():.0f}s: open {demo.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
