@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     p.add_argument("--object", default=DEMO_OBJECT, choices=sorted(PROCEDURAL_OBJECTS),
                    help=f"built-in object (default: {DEMO_OBJECT})")
-    p.add_argument("--quick", action="store_true", help="tiny fusion (about a minute): checks the chain, "
+    p.add_argument("--quick", action="store_true", help="tiny fusion (about 2 minutes): checks the chain, "
                                                         "not the method")
     args = p.parse_args(argv)
     log = Progress()
