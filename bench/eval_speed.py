@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,7 @@ from nova3d.eval.mesh_render import render_mesh  # noqa: E402
 from nova3d.eval.protocol import GT_MESH, PROTOCOLS, evaluate_object, load_gt, load_mesh  # noqa: E402
 from nova3d.mesh_io import load_mesh as load_mesh_file, save_mesh  # noqa: E402
 from tests.helpers_eval import write_gt_object  # noqa: E402
+from timing import timed  # noqa: E402  (bench/timing.py)
 
 
 def make_pair(root: Path, subdivisions: int) -> tuple[Path, Path]:
@@ -58,16 +57,6 @@ def make_pair(root: Path, subdivisions: int) -> tuple[Path, Path]:
     path.parent.mkdir(parents=True)
     save_mesh(pred, path)
     return folder, path
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """(median seconds over `repeats` calls, last result)."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from data_prep.procedural import make_object  # noqa: E402
 from nova3d.cameras import Cameras  # noqa: E402
+from nova3d.demo import auroc  # noqa: E402
 from nova3d.data import schema  # noqa: E402
 from nova3d.eval.appearance import psnr_per_view  # noqa: E402
 from nova3d.eval.geometry import chamfer_surface, volume_iou  # noqa: E402
@@ -41,18 +42,6 @@ from nova3d.fusion.views import load_views  # noqa: E402
 TARGETS = {"chamfer": 0.008, "iou": 0.85, "psnr": 28.0, "conflict_gain_db": 1.0, "conflict_auroc": 0.8,
            "pose_error_reduction": 0.5}
 QUICK = ["optim.fit_resolution=128", "optim.steps=300"]
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
-    from scipy.stats import rankdata
-
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    pos, neg = labels.sum(), (~labels).sum()
-    if pos == 0 or neg == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def render_object(name: str, renders: Path) -> Path:

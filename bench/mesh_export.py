@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +26,7 @@ from nova3d.fusion.field import FieldConfig, FusionField  # noqa: E402
 from nova3d.fusion.mesh import (bake_texture, clean_mesh, color_vertices, export_mesh, extract_mesh,  # noqa: E402
                                 sample_grid)
 from nova3d.fusion.preview import turntable  # noqa: E402
-
-
-def timed(fn, repeats: int):
-    """(median seconds, last result)."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+from timing import timed  # noqa: E402  (bench/timing.py)
 
 
 def main() -> None:

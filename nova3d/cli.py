@@ -124,6 +124,21 @@ def _image_to_3d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_image_and_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="input image: an RGBA PNG (or RGB on a uniform background)")
+    p.add_argument("--model", required=True, help="a folder written by Nova3DPipeline.save_pretrained")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampler settings `generate` and `image-to-3d` share (nova3d.generate.GenerateSettings)."""
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, nargs=2, default=[1.0, 3.0], metavar=("MIN", "MAX"),
+                   help="classifier-free guidance scale range over the views")
+    p.add_argument("--schedule", default="triangle", choices=["triangle", "linear", "constant"],
+                   help="guidance over the views: triangle (min at the input view), linear, constant")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova3d", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -151,15 +166,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=0, help="which sample (in shard order)")
 
     p = add("generate", "generate RGB + normal orbit views of one image into an object folder", _generate)
-    p.add_argument("--image", required=True, help="input image: an RGBA PNG (or RGB on a uniform background)")
-    p.add_argument("--model", required=True, help="a folder written by Nova3DPipeline.save_pretrained")
+    _add_image_and_model_args(p)
     p.add_argument("--out", required=True, help="parent folder: the views go to OUT/<image name>/")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, nargs=2, default=[1.0, 3.0], metavar=("MIN", "MAX"),
-                   help="classifier-free guidance scale range over the views")
-    p.add_argument("--schedule", default="triangle", choices=["triangle", "linear", "constant"],
-                   help="guidance over the views: triangle (min at the input view), linear, constant")
+    _add_sampling_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     p = add("fuse", "de-conflict fusion: an object folder of views -> textured mesh, turntable, conflict maps", _fuse)
@@ -171,15 +180,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = add("image-to-3d", "one image -> generated views -> fused textured mesh (generate + fuse in one command)",
             _image_to_3d)
-    p.add_argument("--image", required=True, help="input image: an RGBA PNG (or RGB on a uniform background)")
-    p.add_argument("--model", required=True, help="a folder written by Nova3DPipeline.save_pretrained")
+    _add_image_and_model_args(p)
     p.add_argument("--out", required=True, help="output folder: views/<image name>/, mesh.glb/.obj/.ply, pictures")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, nargs=2, default=[1.0, 3.0], metavar=("MIN", "MAX"),
-                   help="classifier-free guidance scale range over the views")
-    p.add_argument("--schedule", default="triangle", choices=["triangle", "linear", "constant"],
-                   help="guidance over the views: triangle (min at the input view), linear, constant")
+    _add_sampling_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (generation and fusion)")
     p.add_argument("--fusion-experiment", default="fusion/default",
                    help="fusion experiment: fusion/default, fusion/no_conflict, fusion/no_pose_refine, ...")

@@ -26,6 +26,7 @@ from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.fusion.config import FusionExperimentConfig
 from nova3d.fusion.views import FusionViews, load_views
+from nova3d.generate import resolve_device
 from nova3d.systems.fusion import FusionSystem, StepCounter
 
 DEFAULT_EXPERIMENT = "fusion/default"
@@ -44,15 +45,6 @@ class FuseResult:
     system: FusionSystem
     views: FusionViews
     conflict: torch.Tensor  # [V, R, R] conflict maps at CONFLICT_RESOLUTION
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Nova3DError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
 
 
 def load_fusion_config(experiment: str = DEFAULT_EXPERIMENT, overrides: list[str] | tuple = ()) -> FusionExperimentConfig:
@@ -153,7 +145,7 @@ def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimen
     meshes, conflict, stats = export_outputs(system, out_dir)
     metrics = {"experiment": cfg.name, "object_id": views.object_id, "steps": cfg.optim.steps,
                "rays_per_step": cfg.optim.rays, "seconds_fit": seconds_fit, **stats,
-               "seconds_total": time.perf_counter() - t0, "device": str(resolve_device(cfg.device))}
+               "seconds_total": time.perf_counter() - t0, "device": str(system.device)}
     metrics.update(system.pose_errors() or {})
     write_json_atomic(out_dir / "metrics.json", metrics)
     return FuseResult(out_dir, meshes, metrics, system, views, conflict)
