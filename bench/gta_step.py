@@ -13,11 +13,13 @@ alternated so load from other processes hits both alike. Peak memory = growth of
 activations, gradients and allocator slack; weights are excluded.
 GPU: bf16 autocast on float32 weights + gradient checkpointing (the training setup); peak memory is
 torch.cuda.max_memory_allocated over a step, weights and gradients included.
+Models: "gta" (the default GTA-UNet: the branch attends to the other domain's tokens),
+"gta_all_domains" (the joint form: the branch attends to both domains' tokens) and "vanilla".
 `--breakdown` (CPU) also splits each model's step CPU time into the attention core (every
 scaled_dot_product_attention call of a forward, replayed forward + backward in isolation) and the rest:
-the joint attention over both domains' D*L keys is D = 2 times the pretrained attention's work per
-GTA layer, so "ratio_floor" = 1 + (GTA's extra attention-core time) / (vanilla step) is about the lowest
-ratio a rearrangement of projections, copies or kernel calls can reach without changing what GTA computes.
+per GTA layer the branch adds (D-1)*L keys per query row (other_domains) or D*L (all_domains) to the
+pretrained attention's L, so "ratio_floor" = 1 + (extra attention-core time) / (vanilla step) is about the
+lowest ratio a rearrangement of projections, copies or kernel calls can reach for that form.
 The last line printed is one JSON object with every figure.
 """
 from __future__ import annotations
@@ -45,7 +47,11 @@ from nova3d.models.gta import GTAConfig, install_gta  # noqa: E402
 from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config  # noqa: E402
 
 DOMAINS = 2
-MODELS = ("gta", "vanilla")
+# "gta" = the default GTA-UNet (branch keys: the other domain's tokens); "gta_all_domains" = the
+# joint form (keys: both domains' tokens); "vanilla" = the baseline every ratio is against.
+MODELS = ("gta", "gta_all_domains", "vanilla")
+GTA_MODELS = {"gta": GTAConfig(num_domains=DOMAINS),
+              "gta_all_domains": GTAConfig(num_domains=DOMAINS, keys="all_domains")}
 
 
 def mid_unet_config() -> dict[str, Any]:
@@ -71,8 +77,8 @@ def build(config: str, model: str, device: str = "cpu") -> UNetSpatioTemporalCon
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         unet = UNetSpatioTemporalConditionModel.from_config(CONFIGS[config][0]())
-    if model == "gta":
-        install_gta(unet, GTAConfig(num_domains=DOMAINS))
+    if model in GTA_MODELS:
+        install_gta(unet, GTA_MODELS[model])
     return unet.train()
 
 
@@ -156,10 +162,11 @@ def attention_breakdown(config: str, step_cpu_ms: dict[str, float], reps: int) -
         core = sum(n * _sdpa_cpu_ms(q, k, reps) for (q, k), n in shapes.items())
         out[model] = {"sdpa_calls": sum(shapes.values()), "attention_core_ms": round(core, 1),
                       "other_ms": round(step_cpu_ms[model] - core, 1)}
-    extra = out["gta"]["attention_core_ms"] - out["vanilla"]["attention_core_ms"]
-    out["extra_attention_core_ms"] = round(extra, 1)
-    out["extra_other_ms"] = round(out["gta"]["other_ms"] - out["vanilla"]["other_ms"], 1)
-    out["ratio_floor"] = round(1 + extra / step_cpu_ms["vanilla"], 3)
+    for model in GTA_MODELS:
+        extra = out[model]["attention_core_ms"] - out["vanilla"]["attention_core_ms"]
+        out[model]["extra_attention_core_ms"] = round(extra, 1)
+        out[model]["extra_other_ms"] = round(out[model]["other_ms"] - out["vanilla"]["other_ms"], 1)
+        out[model]["ratio_floor"] = round(1 + extra / step_cpu_ms["vanilla"], 3)
     return out
 
 
@@ -213,23 +220,27 @@ def cpu_bench(configs: list[str], warmup: int, reps: int, threads: int, breakdow
             "params_m": {m: round(mem[m]["params_m"], 3) for m in MODELS},
             "step_ms": {m: round(ms[m], 1) for m in MODELS},
             "step_ms_all": {m: [round(1000 * t, 1) for t in times[m]] for m in MODELS},
-            "time_ratio": round(ms["gta"] / ms["vanilla"], 3),
             "cpu_step_ms": {m: round(cpu_ms[m], 1) for m in MODELS},
-            "cpu_time_ratio": round(cpu_ms["gta"] / cpu_ms["vanilla"], 3),
             "peak_step_mib": {m: round(mem[m]["peak_step_mib"], 1) for m in MODELS},
-            "memory_ratio": round(mem["gta"]["peak_step_mib"] / max(mem["vanilla"]["peak_step_mib"], 1e-6), 3),
         }
         r = results[config]
-        print(f"{config:5s} batch {r['batch']}: gta {r['step_ms']['gta']:.0f} ms vs vanilla "
-              f"{r['step_ms']['vanilla']:.0f} ms ({r['time_ratio']:.2f}x; CPU time {r['cpu_time_ratio']:.2f}x); "
-              f"step peak RSS gta {r['peak_step_mib']['gta']:.0f} MiB vs {r['peak_step_mib']['vanilla']:.0f} MiB "
-              f"({r['memory_ratio']:.2f}x)", flush=True)
+        vanilla_mib = max(mem["vanilla"]["peak_step_mib"], 1e-6)
+        for model in GTA_MODELS:  # "time_ratio" etc. = the default GTA; "_all_domains" = the joint form
+            suffix = model.removeprefix("gta")
+            r["time_ratio" + suffix] = round(ms[model] / ms["vanilla"], 3)
+            r["cpu_time_ratio" + suffix] = round(cpu_ms[model] / cpu_ms["vanilla"], 3)
+            r["memory_ratio" + suffix] = round(mem[model]["peak_step_mib"] / vanilla_mib, 3)
+            print(f"{config:5s} batch {r['batch']}: {model} {r['step_ms'][model]:.0f} ms vs vanilla "
+                  f"{r['step_ms']['vanilla']:.0f} ms ({r['time_ratio' + suffix]:.2f}x; CPU time "
+                  f"{r['cpu_time_ratio' + suffix]:.2f}x); step peak RSS {r['peak_step_mib'][model]:.0f} MiB "
+                  f"vs {r['peak_step_mib']['vanilla']:.0f} MiB ({r['memory_ratio' + suffix]:.2f}x)", flush=True)
         if breakdown:
             b = r["breakdown"] = attention_breakdown(config, cpu_ms, reps)
-            print(f"{config:5s} CPU ms: attention core gta {b['gta']['attention_core_ms']:.0f} vs vanilla "
-                  f"{b['vanilla']['attention_core_ms']:.0f}, rest {b['gta']['other_ms']:.0f} vs "
-                  f"{b['vanilla']['other_ms']:.0f}; floor from the joint attention alone "
-                  f"{b['ratio_floor']:.2f}x", flush=True)
+            for model in GTA_MODELS:
+                print(f"{config:5s} CPU ms: attention core {model} {b[model]['attention_core_ms']:.0f} vs "
+                      f"vanilla {b['vanilla']['attention_core_ms']:.0f}, rest {b[model]['other_ms']:.0f} vs "
+                      f"{b['vanilla']['other_ms']:.0f}; floor from the extra attention alone "
+                      f"{b[model]['ratio_floor']:.2f}x", flush=True)
     return results
 
 
@@ -257,9 +268,12 @@ def full_bench(device: str, config: str, warmup: int, reps: int) -> dict[str, An
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    results["time_ratio"] = round(results["gta"]["step_ms"] / results["vanilla"]["step_ms"], 3)
+    for model in GTA_MODELS:
+        suffix = model.removeprefix("gta")
+        results["time_ratio" + suffix] = round(results[model]["step_ms"] / results["vanilla"]["step_ms"], 3)
+        if cuda:
+            results["memory_ratio" + suffix] = round(results[model]["peak_gib"] / results["vanilla"]["peak_gib"], 3)
     if cuda:
-        results["memory_ratio"] = round(results["gta"]["peak_gib"] / results["vanilla"]["peak_gib"], 3)
         results["device_name"] = torch.cuda.get_device_name(device)
     return results
 

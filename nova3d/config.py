@@ -59,6 +59,7 @@ class ModelConfig:
     architecture: str = "tiny"  # "tiny" or "svd_xt" (used when pretrained is None)
     gta_spatial: bool = True  # cross-domain attention within each view
     gta_temporal: bool = True  # attention along the orbit across both domains
+    gta_keys: str = "other_domains"  # GTA branch keys: other_domains | all_domains (models/gta.py)
     domains: list[str] = field(default_factory=lambda: ["rgb", "normal"])
     gradient_checkpointing: bool = False
 

@@ -184,7 +184,7 @@ class Nova3DPipeline(DiffusionPipeline):
     ):
         super().__init__()
         unet = GTAUNet.from_unet(unet)
-        if gta is not None and GTAConfig(**gta) != unet.gta_config:
+        if gta is not None and GTAConfig.from_dict(gta) != unet.gta_config:
             raise ValueError(f"pipeline config says GTA {gta}, the UNet has {unet.gta_config}")
         self.register_modules(unet=unet, vae=vae, image_encoder=image_encoder, scheduler=scheduler,
                               feature_extractor=feature_extractor)

@@ -33,8 +33,10 @@ VARIANTS = {
     "full": GTAConfig(),
     "spatial_only": GTAConfig(temporal=False),
     "temporal_only": GTAConfig(spatial=False),
+    "all_domain_keys": GTAConfig(keys="all_domains"),
 }
-LEVELS = {"full": {"spatial", "temporal"}, "spatial_only": {"spatial"}, "temporal_only": {"temporal"}}
+LEVELS = {"full": {"spatial", "temporal"}, "spatial_only": {"spatial"}, "temporal_only": {"temporal"},
+          "all_domain_keys": {"spatial", "temporal"}}
 FRAMES, SIZE = 4, 8
 
 
@@ -213,6 +215,46 @@ def test_processor_pairs_same_row_and_is_domain_symmetric():
     assert torch.allclose(out_swapped, torch.cat([out[3:], out[:3]]), atol=1e-6)
     with pytest.raises(ValueError):
         proc(attn, x[:5])  # not divisible by D
+
+
+def _reference_branch(proc: GTAAttnProcessor, x: torch.Tensor) -> torch.Tensor:
+    """The GTA branch written out per row: softmax(q k^T * scale) v over the chosen keys."""
+    d, length = proc.num_domains, x.shape[1]
+    x_qk = x + (proc.gta_frame_embed[:length] if proc.gta_frame_embed is not None else 0)
+    q, k, v = proc.gta_to_q(x_qk), proc.gta_to_k(x_qk), proc.gta_to_v(x)
+    m = x.shape[0] // d
+    rows = []
+    for e in range(d):
+        for i in range(m):
+            sources = [j for j in range(d) if proc.keys == "all_domains" or j != e]
+            keys = torch.cat([k[j * m + i] for j in sources])  # [S, C]
+            values = torch.cat([v[j * m + i] for j in sources])
+            qh = q[e * m + i].unflatten(-1, (proc.heads, -1)).transpose(0, 1)  # [H, L, Dh]
+            kh = keys.unflatten(-1, (proc.heads, -1)).transpose(0, 1)
+            vh = values.unflatten(-1, (proc.heads, -1)).transpose(0, 1)
+            w = torch.softmax(qh @ kh.transpose(1, 2) * proc.scale, dim=-1)
+            rows.append((w @ vh).transpose(0, 1).flatten(1))
+    return proc.gta_to_out(torch.stack(rows))
+
+
+@pytest.mark.parametrize("keys", ["other_domains", "all_domains"])
+@pytest.mark.parametrize("domains", [2, 3])
+def test_branch_matches_its_definition(keys, domains):
+    attn = _seeded(lambda: Attention(query_dim=16, heads=2, dim_head=8))
+    proc = GTAAttnProcessor(attn, num_domains=domains, frame_embed_len=6, keys=keys)
+    _randomize_new(proc)
+    x = torch.randn(domains * 2, 5, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(proc.gta_branch(x), _reference_branch(proc, x), atol=1e-5)
+
+
+def test_stored_config_without_keys_means_all_domains():
+    """Weights saved before `keys` existed were trained with the joint (all_domains) branch."""
+    stored = {"spatial": True, "temporal": False, "num_domains": 2}
+    assert GTAConfig.from_dict(stored) == GTAConfig(temporal=False, keys="all_domains")
+    assert GTAConfig.from_dict({**stored, "keys": "other_domains"}).keys == "other_domains"
+    with pytest.raises(ValueError, match="keys"):
+        GTAConfig(keys="mine")
 
 
 def test_deepcopy_rebinds_domain_hook():

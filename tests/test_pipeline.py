@@ -84,7 +84,7 @@ def _run(p: Nova3DPipeline, seed: int = 0, **kwargs):
 def test_gta_weights_survive_save_and_load(pipe, saved):
     index = json.loads((saved / "model_index.json").read_text())
     assert index["unet"] == ["nova3d.pipeline", "GTAUNet"]
-    assert GTAConfig(**index["gta"]) == pipe.unet.gta_config
+    assert GTAConfig.from_dict(index["gta"]) == pipe.unet.gta_config
     assert index["num_frames"] == FRAMES and index["resolution"] == RES and index["fov_deg"] == 49.1
     assert (saved / "unet" / GTAUNet.WEIGHTS_NAME).is_file()
 

@@ -23,7 +23,7 @@ from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.errors import Nova3DError
 from nova3d.models.conditioning import build_tiny_components, tiny_clip_vision_config, tiny_vae_config
 from nova3d.models.ema import ParameterEMA
-from nova3d.models.factory import ARCHITECTURES, build_components, svd_xt_clip_config, svd_xt_vae_config
+from nova3d.models.factory import ARCHITECTURES, build_components, gta_config, svd_xt_clip_config, svd_xt_vae_config
 from nova3d.models.gta import GTAConfig, is_new_parameter
 from nova3d.models.svd_configs import tiny_unet_config
 from nova3d.run_dir import resume_checkpoint, run_dir_for
@@ -166,6 +166,13 @@ def test_parameter_groups(shards, tmp_path):
     assert not any(p.requires_grad for p in system.conditioner.parameters())
     rgb_only = MultiViewDiffusion(load_experiment("tiny", fast_overrides(shards, tmp_path) + ["model.domains=[rgb]"]))
     assert [g["name"] for g in rgb_only.configure_optimizers()["optimizer"].param_groups] == ["pretrained"]
+
+
+def test_gta_keys_come_from_the_model_config():
+    assert gta_config(ModelConfig()).keys == "other_domains"
+    assert gta_config(load_experiment("ablations/gta_all_domain_keys").model).keys == "all_domains"
+    with pytest.raises(Nova3DError, match="model.gta_keys"):
+        gta_config(ModelConfig(gta_keys="every_domain"))
 
 
 def test_factory_loads_a_pretrained_folder_and_architectures_fit(tmp_path):

@@ -17,7 +17,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 from nova3d.config import ModelConfig
 from nova3d.errors import Nova3DError
 from nova3d.models.conditioning import Conditioner, build_tiny_conditioner, load_conditioning
-from nova3d.models.gta import GTAConfig
+from nova3d.models.gta import GTA_KEYS, GTAConfig
 from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config
 from nova3d.models.unet import build_gta_unet, load_gta_unet
 
@@ -74,7 +74,10 @@ def check_domains(domains: list[str]) -> None:
 
 def gta_config(cfg: ModelConfig) -> GTAConfig:
     check_domains(cfg.domains)
-    return GTAConfig(spatial=cfg.gta_spatial, temporal=cfg.gta_temporal, num_domains=len(cfg.domains))
+    if cfg.gta_keys not in GTA_KEYS:
+        raise Nova3DError(f"model.gta_keys must be one of {list(GTA_KEYS)}, got {cfg.gta_keys!r}")
+    return GTAConfig(spatial=cfg.gta_spatial, temporal=cfg.gta_temporal, num_domains=len(cfg.domains),
+                     keys=cfg.gta_keys)
 
 
 def check_compatible(unet: torch.nn.Module, conditioner: Conditioner) -> None:

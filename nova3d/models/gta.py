@@ -13,18 +13,24 @@ axis the UNet creates inherits that order:
 Extra batch copies (CFG's uncond/cond) must therefore live *inside* each domain block:
 `[D, (cfg, B)]`, never `[cfg, D, B]`.
 
-GTA is an extra branch: `out = pretrained_attn(x) + W_out * attn(joint(x))`, where `joint`
-concatenates the paired tokens of all domains (queries of every domain attend to the same
-`D*L` keys, so it is one self-attention over the concatenation). Q/K/V start as copies of the
-pretrained ones and `W_out` (and every new embedding) starts at zero, so at step 0 the model is
-exactly pretrained SVD. All new parameters live in modules named `gta_*`.
+GTA is an extra branch: `out = pretrained_attn(x) + W_out * attn(q(x), k(y), v(y))`. Which
+tokens `y` the branch's queries see is `GTAConfig.keys`:
 
-Cost: per GTA layer the joint attention scores D*L queries against D*L keys for each of the M
-pairs, D = 2 times the work of the pretrained attention (D*M rows of L x L), on top of it; that
-attention core alone puts a GTA-UNet step at about 1.3x the vanilla one on the CPU configs of
-bench/gta_step.py (`--breakdown`). Fusing the two branches (one Q/K/V matmul over concatenated
-weights, one output matmul, strided SDPA views in the joint layout) measured within noise of
-this plain form, so the plain form stays: it is the definition and the easiest to check.
+* `other_domains` (default): the paired tokens of the *other* domains only. The pretrained
+  attention already covers the query's own domain, so the layer as a whole attends to both
+  domains' tokens of the same view (spatial) or pixel (temporal), with one softmax per source.
+* `all_domains`: the concatenation of every domain's paired tokens (one softmax over D*L keys,
+  the Wonder3D-style joint attention and DESIGN.md's literal form).
+
+Q/K/V start as copies of the pretrained ones and `W_out` (and every new embedding) starts at
+zero, so at step 0 the model is exactly pretrained SVD. All new parameters live in modules
+named `gta_*`.
+
+Cost (bench/gta_step.py `--breakdown`): per layer the pretrained attention scores each of the
+D*M query rows against L keys. `all_domains` adds D*L keys per row (the attention core triples,
+GTA step 1.40x vanilla on the mid CPU config); `other_domains` adds (D-1)*L (the core doubles,
+1.2x). Fusing the two branches (one Q/K/V matmul over concatenated weights, one output matmul,
+strided SDPA views) measured within noise of this plain form, so the plain form stays.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from torch import nn
 NEW_PARAM_PREFIX = "gta_"  # any dotted-name segment starting with this marks a GTA (new) parameter
 _SPATIAL_ATTN = re.compile(r"(?:^|\.)transformer_blocks\.\d+\.attn1\.processor$")
 _TEMPORAL_ATTN = re.compile(r"(?:^|\.)temporal_transformer_blocks\.\d+\.attn1\.processor$")
+GTA_KEYS = ("other_domains", "all_domains")
 
 
 @dataclass(frozen=True)
@@ -62,12 +69,23 @@ class GTAConfig:
     frame_embedding: bool = True
     # Rows of that frame table: the most frames per video the model can be run with.
     max_frames: int = 32
+    # Keys of the GTA branch: "other_domains" (the other domains' paired tokens; the pretrained
+    # attention already sees the own domain) or "all_domains" (joint attention over every
+    # domain's tokens, 1.5x the attention work of other_domains). See the module docstring.
+    keys: str = "other_domains"
 
     def __post_init__(self) -> None:
         if self.num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {self.num_domains}")
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.keys not in GTA_KEYS:
+            raise ValueError(f"keys must be one of {GTA_KEYS}, got {self.keys!r}")
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "GTAConfig":
+        """A config saved with weights; files written before `keys` existed used all_domains."""
+        return cls(**{"keys": "all_domains", **stored})
 
     @property
     def active(self) -> bool:
@@ -98,18 +116,22 @@ def _zero_linear(like: nn.Linear) -> nn.Linear:
 
 
 class GTAAttnProcessor(nn.Module):
-    """Pretrained self-attention plus a zero-initialised joint cross-domain branch.
+    """Pretrained self-attention plus a zero-initialised cross-domain branch.
 
     An nn.Module (like diffusers' IPAdapterAttnProcessor2_0) so `Attention.set_processor`
     registers it as the child `processor` and its weights reach state_dict and optimisers.
     The same class serves both levels: the sequence axis L is HW (spatial) or F (temporal).
     """
 
-    def __init__(self, attn: Attention, num_domains: int, frame_embed_len: int = 0) -> None:
+    def __init__(self, attn: Attention, num_domains: int, frame_embed_len: int = 0,
+                 keys: str = "other_domains") -> None:
         super().__init__()
         if attn.to_k is None or attn.is_cross_attention:
             raise ValueError("GTA only wraps self-attention layers (attn1)")
+        if keys not in GTA_KEYS:
+            raise ValueError(f"keys must be one of {GTA_KEYS}, got {keys!r}")
         self.num_domains = num_domains
+        self.keys = keys
         self.heads = attn.heads
         self.scale = attn.scale
         self.pretrained = AttnProcessor2_0()  # stateless; computes the unchanged SVD path
@@ -138,7 +160,10 @@ class GTAAttnProcessor(nn.Module):
         return out + self.gta_branch(hidden_states)
 
     def gta_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """Joint attention over the paired rows of all domains. x: [D*M, L, C] -> [D*M, L, C_out]."""
+        """Attention of every domain's rows to the paired rows of the other (or all) domains.
+
+        x: [D*M, L, C] -> [D*M, L, C_out].
+        """
         if x.ndim != 3:
             raise ValueError(f"GTA expects [batch, tokens, channels], got {tuple(x.shape)}")
         n, length, c = x.shape
@@ -147,22 +172,35 @@ class GTAAttnProcessor(nn.Module):
             raise ValueError(f"batch-like axis {n} is not divisible by num_domains={d}; "
                              "stack domain videos domain-major on the batch axis")
         m = n // d
-        # [D, M, L, C] -> [M, D*L, C]: row m of each domain is the same view/pixel of one object.
-        joint = x.reshape(d, m, length, c).transpose(0, 1).reshape(m, d * length, c)
-        joint_qk = joint
+        x_qk = x
         if self.gta_frame_embed is not None:
             if length > self.gta_frame_embed.shape[0]:
                 raise ValueError(f"{length} frames > max_frames={self.gta_frame_embed.shape[0]}")
-            # Same code for frame t in every domain: tile [L, C] over the D blocks.
-            joint_qk = joint + self.gta_frame_embed[:length].to(x.dtype).repeat(d, 1)
+            # Same code for frame t in every domain (and every row): broadcast [L, C].
+            x_qk = x + self.gta_frame_embed[:length].to(x.dtype)
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # [M, S, H*Dh] -> [M, H, S, Dh]
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, S, H*Dh] -> [B, H, S, Dh]
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        q, k, v = heads(self.gta_to_q(joint_qk)), heads(self.gta_to_k(joint_qk)), heads(self.gta_to_v(joint))
-        o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        o = self.gta_to_out(o.transpose(1, 2).flatten(2).to(x.dtype))  # [M, D*L, C_out]
-        return o.reshape(m, d, length, -1).transpose(0, 1).reshape(n, length, -1)
+        # Per domain [D, M, L, C]; row m of each domain is the same view/pixel of one object.
+        q = self.gta_to_q(x_qk).unflatten(0, (d, m))
+        k = self.gta_to_k(x_qk).unflatten(0, (d, m))
+        v = self.gta_to_v(x).unflatten(0, (d, m))
+        if self.keys == "all_domains":
+            # One joint sequence per pair: [M, D*L, C]; every query sees the same D*L keys.
+            def joint(t: torch.Tensor) -> torch.Tensor:
+                return t.transpose(0, 1).flatten(1, 2)
+            o = F.scaled_dot_product_attention(heads(joint(q)), heads(joint(k)), heads(joint(v)),
+                                               scale=self.scale)
+            o = o.transpose(1, 2).flatten(2).unflatten(1, (d, length)).transpose(0, 1)  # [D, M, L, C]
+        else:
+            # Domain e's rows see domains e+1, ..., e+D-1 (mod D): keys [D, M, (D-1)*L, C].
+            def others(t: torch.Tensor) -> torch.Tensor:
+                return torch.cat([t.roll(-s, dims=0) for s in range(1, d)], dim=2)
+            o = F.scaled_dot_product_attention(heads(q.flatten(0, 1)), heads(others(k).flatten(0, 1)),
+                                               heads(others(v).flatten(0, 1)), scale=self.scale)
+            o = o.transpose(1, 2).flatten(2)  # [D*M, L, C]
+        return self.gta_to_out(o.reshape(n, length, -1).to(x.dtype))
 
 
 class DomainEmbedding(nn.Module):
@@ -216,7 +254,7 @@ def install_gta(unet: nn.Module, gta: GTAConfig) -> nn.Module:
     for name, level in chosen.items():
         attn = modules[name.removesuffix(".processor")]
         frames = gta.max_frames if (level == "temporal" and gta.frame_embedding) else 0
-        processors[name] = GTAAttnProcessor(attn, gta.num_domains, frame_embed_len=frames)
+        processors[name] = GTAAttnProcessor(attn, gta.num_domains, frame_embed_len=frames, keys=gta.keys)
     unet.set_attn_processor(processors)  # by layer name; untouched layers keep their processor
     if gta.domain_embedding:
         w = unet.time_embedding.linear_2.weight

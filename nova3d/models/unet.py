@@ -66,7 +66,7 @@ def read_gta_config(path: str | os.PathLike) -> GTAConfig | None:
     """The GTAConfig stored by `save_gta_weights`, or None if the file has none."""
     with safe_open(os.fspath(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(_META_KEY)
-    return None if raw is None else GTAConfig(**json.loads(raw))
+    return None if raw is None else GTAConfig.from_dict(json.loads(raw))
 
 
 def load_gta_weights(
