@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from data_prep.procedural import make_object  # noqa: E402
 from nova3d.cameras import Cameras  # noqa: E402
-from nova3d.demo import auroc  # noqa: E402
 from nova3d.data import schema  # noqa: E402
 from nova3d.eval.appearance import psnr_per_view  # noqa: E402
+from nova3d.eval.conflict import conflict_auroc  # noqa: E402
 from nova3d.eval.geometry import chamfer_surface, volume_iou  # noqa: E402
 from nova3d.eval.mesh_render import render_mesh  # noqa: E402
 from nova3d.fuse import fuse_object, load_fusion_config  # noqa: E402
@@ -104,14 +104,7 @@ def run_conflict(clean: Path, gt: trimesh.Trimesh, root: Path, overrides: list[s
         m = fuse(bad, root / exp.replace("/", "_") / "conflict", exp, overrides)
         row[exp] = {**mesh_scores(root / exp.replace("/", "_") / "conflict", clean, gt), "seconds": m["seconds_total"]}
         if exp == "fusion/default":
-            conflict = m["result"].conflict  # [V, R, R]
-            masks = torch.from_numpy(load_corruption_masks(bad)).float()
-            obj = load_views(bad).mask
-            size = conflict.shape[-1]
-            masks = torch.nn.functional.interpolate(masks[:, None], size=(size, size), mode="area")[:, 0] >= 0.5
-            obj = torch.nn.functional.interpolate(obj[:, None], size=(size, size), mode="area")[:, 0] >= 0.5
-            obj[0] = False  # the input view is trusted by construction
-            row["auroc"] = auroc(conflict[obj].numpy(), masks[obj].numpy())
+            row["auroc"] = conflict_auroc(m["result"].conflict, load_corruption_masks(bad), load_views(bad).mask.numpy())
     row["gain_db"] = row["fusion/default"]["psnr"] - row["fusion/no_conflict"]["psnr"]
     return row
 

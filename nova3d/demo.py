@@ -36,6 +36,7 @@ import torch
 
 from nova3d.atomic import write_json_atomic
 from nova3d.errors import Nova3DError
+from nova3d.eval.conflict import conflict_auroc
 from nova3d.fusion.perturb import PerturbConfig
 
 DEMO_OBJECT = "torus_knot"  # no hidden cavities: a mug's inside is invisible at elevation 0 and ruins IoU
@@ -168,34 +169,6 @@ def views_sheet(clean: str | Path, perturbed: str | Path, out_path: str | Path, 
 
 
 # ---------------------------------------------------------------- stages 3-5: fuse, score
-
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve of `scores` separating labels True from False (ties count half:
-    the Mann-Whitney U statistic with average ranks). NaN when either class is empty."""
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels, dtype=bool).ravel()
-    if s.shape != y.shape:
-        raise ValueError(f"auroc: {s.size} scores but {y.size} labels")
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based average rank of each tie group
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def conflict_auroc(conflict: torch.Tensor, corrupted: np.ndarray, object_mask: np.ndarray,
-                   input_view: int = 0) -> float:
-    """AUROC of the conflict maps [V, R, R] against the true corruption masks [V, H, W] (bool),
-    over object pixels (object_mask [V, H, W] > 0) of the non-input views; the maps are
-    nearest-upsampled to H x W."""
-    V, H, W = corrupted.shape
-    up = torch.nn.functional.interpolate(conflict.float()[:, None], size=(H, W), mode="nearest")[:, 0].numpy()
-    keep = (object_mask > 0) & (np.arange(V) != input_view)[:, None, None]
-    return auroc(up[keep], corrupted[keep])
-
 
 def score_mesh(mesh_path: str | Path, gt_folder: str | Path, out_dir: str | Path | None, protocol=None,
                lpips: tuple | None = None) -> "ObjectResult":  # noqa: F821

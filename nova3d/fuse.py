@@ -50,7 +50,20 @@ class FuseResult:
 def load_fusion_config(experiment: str = DEFAULT_EXPERIMENT, overrides: list[str] | tuple = ()) -> FusionExperimentConfig:
     if not is_fusion_experiment(experiment):
         raise Nova3DError(f"experiment {experiment!r} is not a fusion experiment (use one under experiments/fusion/)")
-    return load_experiment(experiment, list(overrides))
+    cfg = load_experiment(experiment, list(overrides))
+    check_choices(cfg, experiment)
+    return cfg
+
+
+def check_choices(cfg: FusionExperimentConfig, experiment: str) -> None:
+    """A misspelt option value fails at load time with one line, not steps into a fit."""
+    from nova3d.fusion.field import COLOR_VIEW_MODES
+    from nova3d.losses.fusion import COLOR_METRICS
+
+    for key, value, allowed in (("field.color_view_mode", cfg.field.color_view_mode, COLOR_VIEW_MODES),
+                                ("loss.color_metric", cfg.loss.color_metric, COLOR_METRICS)):
+        if value not in allowed:
+            raise Nova3DError(f"experiment {experiment}: {key} must be one of {list(allowed)}, got {value!r}")
 
 
 def _trainer(cfg: FusionExperimentConfig, device: torch.device, out_dir: Path) -> L.Trainer:

@@ -9,7 +9,8 @@ import torch
 import trimesh
 
 from helpers_objects import RADII, make_object_folder
-from nova3d.demo import RUNS, auroc, conflict_auroc, run_demo
+from nova3d.demo import RUNS, run_demo
+from nova3d.eval.conflict import auroc, conflict_auroc
 from nova3d.eval.protocol import get_protocol
 from nova3d.fusion.perturb import PerturbConfig
 from nova3d.mesh_io import save_mesh

@@ -271,6 +271,49 @@ def test_pose_refiner_identity_fixed_view_and_gradients_through_rays():
     assert rot[0] < 1e-3 and trans[0] < 1e-6 and (rot[1:] > 0).all()
 
 
+@pytest.mark.parametrize("mode", ["none", "affine", "mlp"])
+def test_color_view_modes(mode):
+    """How much a view may change the colours: nothing ("none"), a colour transform that is the
+    identity at init and always for the reference view ("affine"), anything ("mlp")."""
+    torch.manual_seed(0)
+    field = tiny_field(color_view_mode=mode)
+    p = torch.rand(32, 3) - 0.5
+    n = torch.nn.functional.normalize(torch.randn(32, 3), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(32, 3), dim=-1)
+    feat = torch.randn(32, 7)
+
+    def rgb(view):
+        return field.color(p, n, d, feat, torch.full((32,), view))
+
+    if mode == "affine":
+        torch.testing.assert_close(rgb(2), rgb(0))  # identity at init
+        with torch.no_grad():
+            field.view_embedding.weight.normal_(0, 0.2)
+        transform = field.view_embedding.weight[2].view(3, 4).detach()
+        base = rgb(0)  # the reference view stays the identity
+        torch.testing.assert_close(rgb(2), base + base @ transform[:, :3].T + transform[:, 3])
+    elif mode == "none":
+        assert field.view_embedding is None
+        torch.testing.assert_close(rgb(2), rgb(0))
+    else:
+        assert not torch.allclose(rgb(2), rgb(0))
+    with pytest.raises(ValueError, match="color_view_mode"):
+        tiny_field(color_view_mode="per_view")
+
+
+def test_pose_refiner_without_depth_keeps_the_distance_along_the_viewing_axis():
+    cams, _, _, _ = camera_rays(res=8)
+    refiner = PoseRefiner(4, fixed_view=0, refine_depth=False)
+    with torch.no_grad():
+        refiner.delta.copy_(torch.tensor([0.0, 0.0, 0.0, 0.01, -0.02, 0.05]).expand(4, 6))
+    refined = refiner(cams.c2w)
+    shift = refined[1:, :3, 3] - cams.c2w[1:, :3, 3]  # world units
+    back = cams.c2w[1:, :3, 2]  # opengl camera z (pointing away from the object), world frame
+    assert (shift * back).sum(-1).abs().max() < 1e-6  # nothing along the viewing axis ...
+    torch.testing.assert_close(shift.norm(dim=-1), torch.full((3,), 0.05 ** 0.5 * 0.1), atol=1e-6, rtol=0)  # ... x, y kept
+    assert torch.equal(refined[0], cams.c2w[0])
+
+
 # --- end to end ------------------------------------------------------------------------
 
 def test_fitting_box_masks_lowers_mask_loss():

@@ -95,19 +95,37 @@ def test_wrong_experiment_kind_is_refused():
         load_fusion_config("tiny")
 
 
+@pytest.mark.parametrize("override", ["field.color_view_mode=per_view", "loss.color_metric=l2"])
+def test_misspelt_choice_is_refused_at_load(override):
+    with pytest.raises(Exception, match=override.split("=")[0]):
+        load_fusion_config("fusion/default", [override])
+
+
+def test_color_metrics_known_values():
+    pred, target = torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[0.2, 0.5, 0.8]])
+    assert L.color_error(pred, target, "l1") == pytest.approx(0.2)
+    assert L.color_error(pred, target, "mse") == pytest.approx(0.06)
+
+
 # ---------------------------------------------------------------- losses
 
-def test_conflict_weighting_moves_conflict_towards_large_errors_only():
-    err = torch.tensor([0.01, 0.3])
-    lam = 0.05
-    c = torch.full((2,), 0.5, requires_grad=True)
-    trusted = torch.tensor([False, False])
-    (L.conflict_weighted_color(err, c) + lam * L.conflict_regulariser(c, trusted)).backward()
-    # d/dc [(1 - c) e + lam c] = lam - e (over the mean): descent raises c only where e > lam
-    assert c.grad[0] > 0 > c.grad[1]
-    # "everything conflicts" is not free: with c = 1 everywhere the regulariser pays lam per ray
-    ones = torch.ones(2)
-    assert L.conflict_weighted_color(err, ones) + lam * L.conflict_regulariser(ones, trusted) == pytest.approx(lam)
+def test_conflict_optimum_is_error_over_lambda():
+    """Per ray, (1 - c) e + lambda c^2 / 2 is smallest at c = min(1, e / lambda)."""
+    err = torch.tensor([0.01, 0.05, 0.3])
+    lam = 0.1
+    trusted = torch.tensor([False, False, False])
+    c = torch.full((3,), 0.5, requires_grad=True)
+    opt = torch.optim.SGD([c], lr=20.0)
+    for _ in range(500):
+        opt.zero_grad()
+        (L.conflict_weighted_color(err, c) + lam * L.conflict_regulariser(c, trusted)).backward()
+        opt.step()
+        with torch.no_grad():
+            c.clamp_(0, 1)
+    assert torch.allclose(c.detach(), torch.tensor([0.1, 0.5, 1.0]), atol=1e-3)
+    # "everything conflicts" is not free: c = 1 everywhere costs lambda / 2 per ray
+    ones = torch.ones(3)
+    assert L.conflict_weighted_color(err, ones) + lam * L.conflict_regulariser(ones, trusted) == pytest.approx(lam / 2)
     # trusted rays do not count in the regulariser
     assert L.conflict_regulariser(torch.tensor([0.0, 1.0]), torch.tensor([False, True])) == 0.0
 

@@ -18,8 +18,13 @@ def cpu_sized_field() -> FieldConfig:
     alone costs ~0.1 s a step on a CPU; 10 levels up to 512 cells still resolve a 256² view
     (the field's cube spans ~380 pixels) at 1.5M parameters and ~2.2x the samples/s. View
     dependence of degree 2: renders and generated views are nearly diffuse, and higher degrees
-    extrapolate into colour blotches at export."""
-    return FieldConfig(hashgrid=HashGridConfig(levels=10, log2_table_size=17, max_resolution=512), sh_degree=2)
+    extrapolate into colour blotches at export. One colour field for every view
+    (color_view_mode "none"): with a per-view embedding as a colour-net input ("mlp") each
+    view explains away its own disagreements, so conflict maps cannot find them (AUROC 0.37
+    at the demo budget), and a per-view colour transform ("affine") explains away drift
+    (AUROC 0.52); docs/benchmarks.md "Fusion quality"."""
+    return FieldConfig(hashgrid=HashGridConfig(levels=10, log2_table_size=17, max_resolution=512), sh_degree=2,
+                       color_view_mode="none")
 
 
 def sharp_start_render() -> RenderConfig:
@@ -34,22 +39,28 @@ class FusionLossConfig:
     """Weights of the logged loss terms (0 switches a term off) and their few knobs."""
 
     color: float = 1.0
+    color_metric: str = "l1"  # per-ray colour error: "l1" or "mse" (nova3d.losses.fusion.color_error)
     normal: float = 0.5
     mask: float = 0.5
     eikonal: float = 0.1
     sparsity: float = 0.01
     sparsity_scale: float = 100.0  # R_sparse = exp(-scale |sdf|) at random points
     sparsity_points: int = 2048
-    # Conflict maps: lambda of nova3d.losses.fusion (the per-ray L1 colour error a view may show
-    # before the conflict map discounts it) is `conflict` x the batch's median error on object
-    # rays, at least `conflict_min_error`: a ray conflicts when it is an outlier among the views
-    # at the current stage of training, so early, uniformly large errors never flag everything.
-    # 0 or `conflict_maps: false` = no conflict.
-    conflict: float = 3.0
+    # Conflict maps: lambda of nova3d.losses.fusion (the per-ray L1 colour error at which a ray
+    # is ignored entirely; the conflict net learns c = min(1, expected error / lambda)) is
+    # `conflict` x the batch's median error on object rays, at least `conflict_min_error`: a
+    # ray conflicts when its view disagrees with the others much more than is typical at the
+    # current stage of training. 0 or `conflict_maps: false` = no conflict.
+    conflict: float = 4.0
     conflict_min_error: float = 0.02
     conflict_maps: bool = True
     conflict_start_step: int = 200  # the colour error means little before geometry has formed
     pose: float = 1.0e-2
+    # Weight of |translation|^2 relative to |rotation|^2 in the pose regulariser. A small camera
+    # shift and a small turn move an object-centred image almost alike, so free translations
+    # trade off against rotations (and a global scale about the input camera) instead of undoing
+    # the perturbation.
+    pose_translation: float = 1.0
 
 
 @dataclass
@@ -62,10 +73,14 @@ class FusionOptimConfig:
     lr_color: float = 3.0e-3  # colour MLP and view embeddings (colour converges slower than shape)
     lr_conflict: float = 1.0e-2  # the conflict logit must travel ~3 units (from 5% up) within a few hundred steps
     lr_variance: float = 1.0e-2  # sharpness must follow the surface within a short schedule
-    lr_pose: float = 1.0e-3
+    lr_pose: float = 3.0e-3  # 1e-3 left 54% of a <= 5 deg rotation error after 300 steps, 3e-3 41%
     warmup_steps: int = 10
     final_lr_factor: float = 0.1  # exponential decay to lr * factor at the last step
     pose_refine: bool = True
+    # Move cameras along their viewing axis too? Off: that distance trades off against the
+    # object's scale, and left free the cameras drifted outwards (camera-centre error 0.018 ->
+    # 0.041 with it, 0.019 without; nova3d.fusion.poses.PoseRefiner).
+    pose_refine_depth: bool = False
     pose_start_step: int = 100  # corrections stay at zero until the geometry has a rough shape
     fit_resolution: Optional[int] = None  # None: fit at the views' own resolution
 

@@ -36,10 +36,18 @@ class FieldConfig:
     # active at step 0, one more every `level_every` steps; None = all levels from the start.
     level_start: int | None = None
     level_every: int = 500
-    # Colour network: [x / bound, normal, SH(view dir), geometry feature, view embedding] -> rgb
+    # Colour network: [x / bound, normal, SH(view dir), geometry feature (, view embedding)] -> rgb
     color_hidden: int = 64
     color_layers: int = 2
     view_embed_dim: int = 8
+    # How a view's learned embedding shapes its colours (COLOR_VIEW_MODES):
+    #   "affine": a per-view colour transform rgb -> A_v rgb + b_v (exposure / white balance),
+    #             identity at init and fixed for the reference view; it explains global colour
+    #             changes, never local ones, so a local disagreement stays an error;
+    #   "mlp":    the embedding is a colour-net input (NeRF-W's appearance code): a view can
+    #             explain away any disagreement, local ones included, so conflicts never show;
+    #   "none":   one colour field for all views.
+    color_view_mode: str = "mlp"
     sh_degree: int = 4  # 16 coefficients, as instant-nsr-pl's SphericalHarmonics encoding
     # Conflict network: [rgb, geometry feature, SH(ray dir), view embedding, x / bound] -> (0, 1)
     conflict_hidden: int = 32
@@ -185,21 +193,33 @@ class SDFNetwork(nn.Module):
         return GeometryOutput(sdf, feature, (shifted[:, 0] - shifted[:, 1]) / (2 * eps))
 
 
+COLOR_VIEW_MODES = ("affine", "mlp", "none")
+
+
 class FusionField(nn.Module):
     """SDF, colour and conflict networks with per-view embeddings."""
 
     def __init__(self, cfg: FieldConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or FieldConfig()
+        if cfg.color_view_mode not in COLOR_VIEW_MODES:
+            raise ValueError(f"field.color_view_mode must be one of {list(COLOR_VIEW_MODES)}, "
+                             f"got {cfg.color_view_mode!r}")
         self.geometry = SDFNetwork(cfg)
         sh = cfg.sh_degree**2
-        self.view_embedding = nn.Embedding(cfg.num_views, cfg.view_embed_dim)
+        # The colour side's per-view embedding: a colour-net input ("mlp") or the rows of a
+        # per-view [3, 4] colour transform ("affine", zero = identity); none for "none".
+        embed_dim = {"mlp": cfg.view_embed_dim, "affine": 12, "none": 0}[cfg.color_view_mode]
+        self.view_embedding = nn.Embedding(cfg.num_views, embed_dim) if embed_dim else None
         # Its own embedding: the conflict net's gradients never touch the colour's.
         self.conflict_embedding = nn.Embedding(cfg.num_views, cfg.view_embed_dim)
-        for emb in (self.view_embedding, self.conflict_embedding):
-            nn.init.normal_(emb.weight, 0.0, 0.1)
-        self.color_net = mlp(6 + sh + cfg.feature_dim + cfg.view_embed_dim, cfg.color_hidden,
-                             cfg.color_layers, 3)
+        nn.init.normal_(self.conflict_embedding.weight, 0.0, 0.1)
+        if cfg.color_view_mode == "mlp":
+            nn.init.normal_(self.view_embedding.weight, 0.0, 0.1)
+        elif cfg.color_view_mode == "affine":
+            nn.init.zeros_(self.view_embedding.weight)
+        mlp_embed = cfg.view_embed_dim if cfg.color_view_mode == "mlp" else 0
+        self.color_net = mlp(6 + sh + cfg.feature_dim + mlp_embed, cfg.color_hidden, cfg.color_layers, 3)
         self.conflict_net = mlp(3 + cfg.feature_dim + sh + cfg.view_embed_dim + 3,
                                 cfg.conflict_hidden, cfg.conflict_layers, 1)
         # Zero last weights: conflict starts at `conflict_init` everywhere and still learns.
@@ -215,13 +235,28 @@ class FusionField(nn.Module):
             return torch.full((n,), self.cfg.reference_view, dtype=torch.long, device=device)
         return view.long()
 
+    def color_parameters(self) -> list[nn.Parameter]:
+        return [*self.color_net.parameters(),
+                *(self.view_embedding.parameters() if self.view_embedding is not None else [])]
+
+    def conflict_parameters(self) -> list[nn.Parameter]:
+        return [*self.conflict_net.parameters(), *self.conflict_embedding.parameters()]
+
     def color(self, points: Tensor, normals: Tensor, dirs: Tensor, feature: Tensor,
               view: Tensor | None = None) -> Tensor:
-        """[P, 3] x3, [P, F], view [P] (None: reference view) -> rgb [P, 3] in (0, 1)."""
-        emb = self.view_embedding(self._views(view, points.shape[0], points.device))
-        x = torch.cat([points / self.cfg.bound, normals, sh_encode(dirs, self.cfg.sh_degree),
-                       feature, emb], dim=-1)
-        return torch.sigmoid(self.color_net(x))
+        """[P, 3] x3, [P, F], view [P] (None: reference view) -> rgb [P, 3] (in (0, 1) except
+        where an "affine" view transform leads out of it; the reference view's never does)."""
+        mode = self.cfg.color_view_mode
+        views = self._views(view, points.shape[0], points.device)
+        x = [points / self.cfg.bound, normals, sh_encode(dirs, self.cfg.sh_degree), feature]
+        if mode == "mlp":
+            x.append(self.view_embedding(views))
+        rgb = torch.sigmoid(self.color_net(torch.cat(x, dim=-1)))
+        if mode == "affine":
+            # The reference view's colours define the texture: its transform stays the identity.
+            delta = self.view_embedding(views).view(-1, 3, 4) * (views != self.cfg.reference_view)[:, None, None]
+            rgb = rgb + (delta[..., :3] @ rgb[..., None])[..., 0] + delta[..., 3]
+        return rgb
 
     def conflict(self, rgb: Tensor, feature: Tensor, dirs: Tensor, points: Tensor,
                  view: Tensor | None = None) -> Tensor:

@@ -2,11 +2,16 @@
 
 Conflict-weighted colour (ours, following the paper's description): each ray's colour error e
 is multiplied by (1 - c), c in (0, 1) the conflict the network predicts for that ray, and the
-regulariser adds lambda * c. Per ray the conflict net therefore minimises
-(1 - c) e + lambda c, whose gradient lambda - e pushes c up only where the error exceeds
-lambda: lambda is the error a view may show before it is considered to disagree, and
-"everything conflicts" costs lambda per ray instead of nothing. The input view has c = 0
-(the renderer enforces it), so at least one view always drives the texture.
+regulariser adds (lambda / 2) c^2. Per ray the conflict net therefore minimises
+(1 - c) e + (lambda / 2) c^2, whose minimum is c = min(1, e / lambda): the conflict is the error
+the network expects for that view and point, in units of lambda, the error at which a ray is
+ignored entirely. "Everything conflicts" costs lambda / 2 per ray instead of nothing.
+Why quadratic: with a linear regulariser lambda c the optimum is 0 or 1 and every clean ray
+pushes its logit to -inf; the shared conflict MLP then saturates at ~0 everywhere before the
+rare corrupted rays can pull it up (measured: maps collapsed to < 3e-3 on corrupted views).
+With c^2 the clean rays have an interior optimum (c ~ e_typical / lambda) and the sigmoid stays
+in its responsive range. The input view has c = 0 (the renderer enforces it), so at least one
+view always drives the texture.
 """
 from __future__ import annotations
 
@@ -14,9 +19,18 @@ import torch
 from torch import Tensor
 
 
-def color_error(pred: Tensor, target: Tensor) -> Tensor:
-    """[N, 3] x2 -> [N] mean absolute error per ray (L1 is robust to the outliers generation makes)."""
-    return (pred - target).abs().mean(-1)
+COLOR_METRICS = ("l1", "mse")
+
+
+def color_error(pred: Tensor, target: Tensor, metric: str = "l1") -> Tensor:
+    """[N, 3] x2 -> [N] per-ray error: mean absolute ("l1", NeuS) or squared ("mse", Wonder3D's
+    instant-nsr-pl recipe) over the channels."""
+    diff = pred - target
+    if metric == "l1":
+        return diff.abs().mean(-1)
+    if metric == "mse":
+        return diff.square().mean(-1)
+    raise ValueError(f"colour metric must be one of {list(COLOR_METRICS)}, got {metric!r}")
 
 
 def conflict_weighted_color(error: Tensor, conflict: Tensor | None) -> Tensor:
@@ -25,9 +39,10 @@ def conflict_weighted_color(error: Tensor, conflict: Tensor | None) -> Tensor:
 
 
 def conflict_regulariser(conflict: Tensor, trusted: Tensor) -> Tensor:
-    """[N] conflicts, [N] bool rays of the trusted (input) view -> [] mean conflict of the others."""
-    untrusted = ~trusted
-    return conflict[untrusted].mean() if untrusted.any() else conflict.sum() * 0.0
+    """[N] conflicts, [N] bool rays of the trusted (input) view -> [] sum of c^2 / 2 over the
+    other rays / N (so that with `conflict_weighted_color` each ray's optimum is c = e / lambda
+    once multiplied by lambda)."""
+    return 0.5 * (conflict.square() * (~trusted)).sum() / max(conflict.numel(), 1)
 
 
 def normal_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -57,6 +72,7 @@ def sparsity_loss(sdf: Tensor, scale: float = 100.0) -> Tensor:
     return torch.exp(-scale * sdf.abs()).mean()
 
 
-def pose_regulariser(delta: Tensor) -> Tensor:
-    """[V, 6] pose corrections (rotation vector, translation) -> [] mean squared norm."""
-    return (delta**2).sum(-1).mean()
+def pose_regulariser(delta: Tensor, translation_weight: float = 1.0) -> Tensor:
+    """[V, 6] pose corrections (rotation vector in radians, translation in world units) ->
+    [] mean over views of |omega|^2 + translation_weight |tau|^2."""
+    return (delta[:, :3].square().sum(-1) + translation_weight * delta[:, 3:].square().sum(-1)).mean()

@@ -60,8 +60,8 @@ class FusionSystem(L.LightningModule):
         render_cfg = dataclasses.replace(cfg.render, trusted_view=TRUSTED_VIEW)
         self.renderer = NeuSRenderer(FusionField(field_cfg), render_cfg)
         o = cfg.optim
-        self.poses = (PoseRefiner(views.num_views, fixed_view=TRUSTED_VIEW, start_step=o.pose_start_step)
-                      if o.pose_refine else None)
+        self.poses = (PoseRefiner(views.num_views, fixed_view=TRUSTED_VIEW, start_step=o.pose_start_step,
+                                  refine_depth=o.pose_refine_depth) if o.pose_refine else None)
         self.register_buffer("c2w", views.cameras.c2w.float().clone())
         self.register_buffer("K", views.cameras.K.float().clone())
         self.register_buffer("true_c2w", None if true_c2w is None else true_c2w.float().clone())
@@ -82,8 +82,8 @@ class FusionSystem(L.LightningModule):
         groups = [
             ("grid", list(field_.geometry.encoding.parameters()), o.lr_grid),
             ("net", list(field_.geometry.net.parameters()), o.lr_net),
-            ("color", [*field_.color_net.parameters(), *field_.view_embedding.parameters()], o.lr_color),
-            ("conflict", [*field_.conflict_net.parameters(), *field_.conflict_embedding.parameters()], o.lr_conflict),
+            ("color", field_.color_parameters(), o.lr_color),
+            ("conflict", field_.conflict_parameters(), o.lr_conflict),
             ("variance", list(self.renderer.variance.parameters()), o.lr_variance),
         ]
         if self.poses is not None:
@@ -114,7 +114,7 @@ class FusionSystem(L.LightningModule):
     def loss_terms(self, out: RenderOutput, rays: RayBatch, step: int) -> dict[str, Tensor]:
         """Every loss term, unweighted; `loss_weights` says how they add up."""
         c = self.cfg.loss
-        err = losses.color_error(out.rgb, rays.rgb)
+        err = losses.color_error(out.rgb, rays.rgb, c.color_metric)
         use_conflict = self.conflict_active(step)
         terms = {
             "color": losses.conflict_weighted_color(err, out.conflict if use_conflict else None),
@@ -132,7 +132,7 @@ class FusionSystem(L.LightningModule):
             self.conflict_lambda = torch.clamp_min(c.conflict * typical, c.conflict_min_error)
             terms["conflict"] = self.conflict_lambda * losses.conflict_regulariser(out.conflict, rays.view == TRUSTED_VIEW)
         if self.poses is not None and self.poses.enabled(step):
-            terms["pose"] = losses.pose_regulariser(self.poses.delta)
+            terms["pose"] = losses.pose_regulariser(self.poses.delta, c.pose_translation)
         return terms
 
     def loss_weights(self) -> dict[str, float]:
@@ -221,10 +221,10 @@ class FusionSystem(L.LightningModule):
     def color_fn(self, points: Tensor, normals: Tensor) -> Tensor:
         """Texture colour at surface points [P, 3] with outward normals [P, 3] -> [P, 3].
 
-        The input view's embedding (its colours are the trusted ones: other views' drift lives
-        in their own embeddings), seen along the ray of the camera that faces the point most
-        directly: a direction the colour net was trained on, unlike e.g. -normal, where its
-        view-dependent (SH) part extrapolates into coloured blotches."""
+        The input view's colours (its embedding or colour transform where the field has
+        per-view ones: its colours are the trusted ones), seen along the ray of the camera that
+        faces the point most directly: a direction the colour net was trained on, unlike e.g.
+        -normal, where its view-dependent (SH) part extrapolates into coloured blotches."""
         field_ = self.renderer.field
         geo = field_.geometry(points, with_grad=False)
         centres = self.refined_c2w()[:, :3, 3].to(points)  # [V, 3]
