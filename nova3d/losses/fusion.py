@@ -72,7 +72,6 @@ def sparsity_loss(sdf: Tensor, scale: float = 100.0) -> Tensor:
     return torch.exp(-scale * sdf.abs()).mean()
 
 
-def pose_regulariser(delta: Tensor, translation_weight: float = 1.0) -> Tensor:
-    """[V, 6] pose corrections (rotation vector in radians, translation in world units) ->
-    [] mean over views of |omega|^2 + translation_weight |tau|^2."""
-    return (delta[:, :3].square().sum(-1) + translation_weight * delta[:, 3:].square().sum(-1)).mean()
+def pose_regulariser(delta: Tensor) -> Tensor:
+    """[V, 6] pose corrections (rotation vector, translation) -> [] mean squared norm."""
+    return (delta**2).sum(-1).mean()

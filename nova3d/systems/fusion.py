@@ -132,7 +132,7 @@ class FusionSystem(L.LightningModule):
             self.conflict_lambda = torch.clamp_min(c.conflict * typical, c.conflict_min_error)
             terms["conflict"] = self.conflict_lambda * losses.conflict_regulariser(out.conflict, rays.view == TRUSTED_VIEW)
         if self.poses is not None and self.poses.enabled(step):
-            terms["pose"] = losses.pose_regulariser(self.poses.delta, c.pose_translation)
+            terms["pose"] = losses.pose_regulariser(self.poses.delta)
         return terms
 
     def loss_weights(self) -> dict[str, float]:
