@@ -148,6 +148,7 @@ def _ellipsoid_mesh() -> trimesh.Trimesh:
 
 @pytest.mark.slow
 def test_fusion_recovers_the_ellipsoid_and_flags_corrupted_views(tmp_path):
+    from nova3d.eval.conflict import conflict_auroc
     from nova3d.eval.geometry import chamfer_surface, volume_iou
     from nova3d.fusion.perturb import PerturbConfig, load_corruption_masks, perturb_object
 
@@ -172,12 +173,9 @@ def test_fusion_recovers_the_ellipsoid_and_flags_corrupted_views(tmp_path):
     pred = trimesh.load(out / "mesh.ply", force="mesh")
     assert chamfer_surface(pred, _ellipsoid_mesh(), num_points=20_000).chamfer < 0.02
     assert volume_iou(pred, _ellipsoid_mesh()).iou > 0.8
-    # The conflict map is higher on the corrupted pixels than on clean object pixels.
-    masks = torch.from_numpy(load_corruption_masks(folder)).float()  # [V, H, W]
-    conflict = torch.nn.functional.interpolate(result.conflict[:, None], size=masks.shape[-2:], mode="nearest")[:, 0]
-    obj = torch.from_numpy(schema_masks(folder)) > 0
-    bad, clean = conflict[(masks > 0) & obj], conflict[(masks == 0) & obj & (torch.arange(8)[:, None, None] > 0)]
-    assert bad.mean() > 1.3 * clean.mean()
+    # The conflict map ranks corrupted object pixels above clean ones (chance = 0.5).
+    auc = conflict_auroc(result.conflict, load_corruption_masks(folder), schema_masks(folder), input_view=0)
+    assert auc > 0.7  # 0.83 measured
 
 
 def schema_masks(folder) -> np.ndarray:
