@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,9 @@ from nova3d.config import ExperimentConfig, load_experiment
 from nova3d.data import schema
 from nova3d.data.latent_cache import check_config, encode_params, sample_info, vae_fingerprint
 from nova3d.data.shards import Manifest, SampleError, ShardInfo, decode_sample, find_manifest, iter_tar_samples
+from nova3d.data.inspect import file_sha256
 from nova3d.data.views import composite, pack_views
+from nova3d.devices import resolve_device
 from nova3d.errors import Nova3DError
 from nova3d.models.conditioning import Conditioner, load_conditioning
 
@@ -73,14 +74,6 @@ def sample_latents(raw: dict, cfg: ExperimentConfig, cond: Conditioner) -> dict[
                   for i in range(0, frames.shape[0], VAE_CHUNK)]
         out[domain] = torch.cat(chunks).float().cpu()
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_latents(shards: str | os.PathLike, out: str | os.PathLike, cfg: ExperimentConfig,
@@ -135,7 +128,7 @@ def cache_latents(shards: str | os.PathLike, out: str | os.PathLike, cfg: Experi
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        shard_infos.append(ShardInfo(shard.name, shard.split, len(kept), final.stat().st_size, _sha256(final), kept))
+        shard_infos.append(ShardInfo(shard.name, shard.split, len(kept), final.stat().st_size, file_sha256(final), kept))
     bar.close()
     splits = {name: {**split, "num_samples": sum(s.num_samples for s in shard_infos if s.split == name)}
               for name, split in manifest.splits.items()}
@@ -156,8 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         cfg = load_experiment(args.experiment, args.overrides)
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        path = cache_latents(args.shards, args.out, cfg, device=device)
+        path = cache_latents(args.shards, args.out, cfg, device=resolve_device(args.device))
     except Nova3DError as err:
         print(f"cache_latents: error: {err}", file=sys.stderr)
         return 2

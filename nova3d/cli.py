@@ -73,15 +73,13 @@ def _perturb(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
+    from nova3d.devices import resolve_device
     from nova3d.eval.protocol import evaluate_set, get_protocol
 
     overrides = {k: v for k, v in (("icp", args.icp or None), ("normalization", args.normalization),
                                    ("chamfer_depth", args.chamfer_depth or None)) if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=device)
+    summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=resolve_device(args.device))
     print(summary.markdown(), end="")
     print(f"wrote {args.out}/per_object.csv, summary.json, summary.md")
     if not summary.evaluated:

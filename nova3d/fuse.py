@@ -26,7 +26,7 @@ from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.fusion.config import FusionExperimentConfig
 from nova3d.fusion.views import FusionViews, load_views
-from nova3d.generate import resolve_device
+from nova3d.devices import resolve_device
 from nova3d.systems.fusion import FusionSystem, StepCounter
 
 DEFAULT_EXPERIMENT = "fusion/default"

@@ -20,6 +20,7 @@ import PIL.Image
 import torch
 
 from nova3d.data import schema
+from nova3d.devices import resolve_device
 from nova3d.errors import Nova3DError
 
 GUIDANCE_SCHEDULES = ("triangle", "linear", "constant")
@@ -42,18 +43,6 @@ class GenerateSettings:
             raise Nova3DError(f"--schedule must be one of {GUIDANCE_SCHEDULES}, got {self.schedule!r}")
         if len(self.guidance) != 2 or min(self.guidance) < 0:
             raise Nova3DError(f"--guidance takes MIN MAX (non-negative), got {list(self.guidance)}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise Nova3DError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Nova3DError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def check_model_dir(model: str | Path) -> tuple[Path, dict]:

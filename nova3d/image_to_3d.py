@@ -28,7 +28,8 @@ from nova3d.data import schema
 from nova3d.errors import Nova3DError
 from nova3d.fuse import DEFAULT_EXPERIMENT, FuseResult, fuse_object, load_fusion_config
 from nova3d.fusion.config import FusionExperimentConfig
-from nova3d.generate import GenerateSettings, check_model_dir, generate_object, resolve_device
+from nova3d.devices import resolve_device
+from nova3d.generate import GenerateSettings, check_model_dir, generate_object
 
 VIEWS_DIR = "views"  # OUT/views/<object id>/: the generated object folder
 STAGING_DIR = "fusion" + schema.TMP_SUFFIX  # fusion writes here, moved into OUT on success

@@ -88,7 +88,8 @@ def _inspect_tar(path: str, decode: bool, problems: list[str]) -> ShardReport:
     return report
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (manifest checksums)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -121,7 +122,7 @@ def inspect_shards(path: str | Path, decode: bool = True) -> InspectReport:
             if info is None:
                 report.checksum = "not in manifest"
                 problems.append(f"{shard}: not listed in {manifest_path}")
-            elif _sha256(shard) != info.sha256:
+            elif file_sha256(shard) != info.sha256:
                 report.checksum = "MISMATCH"
                 problems.append(f"{shard}: sha256 differs from {manifest_path} (modified or truncated)")
             else:
