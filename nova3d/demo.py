@@ -205,7 +205,7 @@ def fuse_and_score(name: str, perturbed: Path, gt_folder: Path, out_dir: Path, o
     result = score_mesh(fused.meshes["glb"], gt_folder, out_dir / "eval", protocol, lpips)
     scores = {**result.scalars(), "status": result.status, "reason": result.reason}
     auc = peak = None
-    if cfg.loss.conflict_maps and cfg.loss.conflict > 0:
+    if fused.conflict is not None:
         sample = read_object_folder(perturbed)
         auc = conflict_auroc(fused.conflict, load_corruption_masks(perturbed), sample.mask,
                              sample.cameras.input_view)

@@ -163,8 +163,8 @@ def report_markdown(demo, report_dir: Path) -> str:
         "## Files",
         "",
         *[f"- `{n}`: [mesh.glb]({link(r.out_dir / 'mesh.glb')}), [metrics.json]({link(r.out_dir / 'metrics.json')}), "
-          f"[conflict maps]({link(r.out_dir / 'conflict_maps.png')}), "
-          f"[evaluation]({link(r.out_dir / 'eval' / 'summary.md')})" for n, r in demo.runs.items()],
+          + (f"[conflict maps]({link(r.out_dir / 'conflict_maps.png')}), " if r.conflict_auroc is not None else "")
+          + f"[evaluation]({link(r.out_dir / 'eval' / 'summary.md')})" for n, r in demo.runs.items()],
         f"- ground truth (Blender renders + `mesh.glb`): `{link(demo.gt_folder)}/`; perturbed views: "
         f"`{link(demo.perturbed)}/` (true cameras and corruption masks under `perturb/`)",
         f"- every number above: [{Path('demo.json')}](demo.json)",

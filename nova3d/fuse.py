@@ -3,9 +3,9 @@
     nova3d fuse --views DIR --out DIR [EXPERIMENT] [key=value ...]     (also `make fuse VIEWS=DIR`)
 
 The out folder gets (each file written atomically, nothing before the fit succeeded):
-mesh.glb/.obj/.ply, turntable.gif, conflict_maps.png (+ conflict_maps.npz, the maps as numbers),
-cameras_refined.json, metrics.json (flat numbers + "experiment"), config.yaml, and TensorBoard
-logs under tensorboard/. A folder made by `nova3d perturb` carries its true cameras
+mesh.glb/.obj/.ply, turntable.gif, conflict_maps.png (+ conflict_maps.npz, the maps as numbers;
+only for experiments with conflict maps), cameras_refined.json, metrics.json (flat numbers +
+"experiment"), config.yaml, and TensorBoard logs under tensorboard/. A folder made by `nova3d perturb` carries its true cameras
 (perturb/cameras_true.json): fusion then also reports the pose errors before and after refinement.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class FuseResult:
     metrics: dict
     system: FusionSystem
     views: FusionViews
-    conflict: torch.Tensor  # [V, R, R] conflict maps at CONFLICT_RESOLUTION
+    conflict: torch.Tensor | None  # [V, R, R] conflict maps at CONFLICT_RESOLUTION; None without them
 
 
 def load_fusion_config(experiment: str = DEFAULT_EXPERIMENT, overrides: list[str] | tuple = ()) -> FusionExperimentConfig:
@@ -103,7 +103,7 @@ def refined_cameras(system: FusionSystem) -> Cameras:
 
 
 def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path], torch.Tensor, dict]:
-    """Mesh files, pictures, refined cameras; returns (meshes, conflict maps, stats)."""
+    """Mesh files, pictures, refined cameras; returns (meshes, conflict maps or None, stats)."""
     from nova3d.eval.appearance import psnr_per_view
     from nova3d.eval.mesh_render import render_mesh
     from nova3d.fusion.mesh import bake_texture, clean_mesh, color_vertices, export_mesh, extract_mesh
@@ -127,15 +127,17 @@ def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path]
     rendered = render_mesh(mesh, cams, image_size=views.resolution, background=1.0)
     stats["psnr_mesh_vs_views"] = float(psnr_per_view(rendered.rgb.clamp(0, 1), views.rgb.cpu()).mean())
 
-    t0 = time.perf_counter()
-    maps = system.render_views(min(CONFLICT_RESOLUTION, views.resolution))
-    conflict = maps.conflict.cpu()
-    stats["seconds_conflict_render"] = time.perf_counter() - t0
-    stats["conflict_mean"] = float(conflict[1:].mean())
-    with atomic_path(out_dir / "conflict_maps.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, conflict=conflict.numpy().astype(np.float16))
-    conflict_sheet(maps.rgb.cpu(), conflict, out_dir / "conflict_maps.png")
+    conflict = None
+    if system.uses_conflict():  # an ablation without conflict maps has none to show (and saves ~20 s)
+        t0 = time.perf_counter()
+        maps = system.render_views(min(CONFLICT_RESOLUTION, views.resolution))
+        conflict = maps.conflict.cpu()
+        stats["seconds_conflict_render"] = time.perf_counter() - t0
+        stats["conflict_mean"] = float(conflict[1:].mean())
+        with atomic_path(out_dir / "conflict_maps.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, conflict=conflict.numpy().astype(np.float16))
+        conflict_sheet(maps.rgb.cpu(), conflict, out_dir / "conflict_maps.png")
     turntable(mesh, out_dir / "turntable.gif", frames=cfg.logging.turntable_frames)
     return meshes, conflict, stats
 

@@ -44,7 +44,7 @@ class ImageTo3DResult:
     views: Path  # the generated object folder (OUT/views/<id>)
     meshes: dict[str, Path]  # format -> OUT/mesh.<format>
     turntable: Path
-    conflict_maps: Path
+    conflict_maps: Path | None  # None: the fusion experiment has no conflict maps
     metrics: dict  # metrics.json as written by nova3d.fuse
     seconds_generate: float
     seconds_fuse: float
@@ -144,8 +144,8 @@ def image_to_3d(image: str | Path, model: str | Path, out: str | Path, settings:
         "generate": {**{k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
                      "guidance": list(settings.guidance)},
         "fusion_experiment": cfg.name, "seconds_generate": seconds_generate, "seconds_fuse": seconds_fuse})
-    return ImageTo3DResult(out, views, fused.meshes, out / "turntable.gif", out / "conflict_maps.png",
-                           fused.metrics, seconds_generate, seconds_fuse)
+    sheet = out / "conflict_maps.png" if fused.conflict is not None else None
+    return ImageTo3DResult(out, views, fused.meshes, out / "turntable.gif", sheet, fused.metrics, seconds_generate, seconds_fuse)
 
 
 def summary(result: ImageTo3DResult) -> str:
@@ -155,7 +155,7 @@ def summary(result: ImageTo3DResult) -> str:
         f"views:         {r.views}",
         f"mesh:          {', '.join(str(p) for p in r.meshes.values())} ({m['vertices']} vertices, {m['faces']} faces)",
         f"turntable:     {r.turntable}",
-        f"conflict maps: {r.conflict_maps}",
+        f"conflict maps: {r.conflict_maps or 'none (the experiment has no conflict maps)'}",
         f"metrics:       {r.out_dir / 'metrics.json'} (mesh vs views PSNR {m['psnr_mesh_vs_views']:.2f} dB)",
         f"done in {r.seconds_generate + r.seconds_fuse:.0f} s (generate {r.seconds_generate:.0f} s, "
         f"fuse {r.seconds_fuse:.0f} s)"])

@@ -73,7 +73,7 @@ def test_demo_pipeline_writes_a_report_with_every_run(tmp_path):
     assert demo.report == out / "report.md" and (out / "demo.json").is_file()
     # every link in the report points at a file that exists
     links = re.findall(r"\]\(([^)]+)\)", report)
-    assert len(links) >= 3 * 5 + 3
+    assert len(links) >= 3 * 5 + 3 - 1  # no_conflict has no conflict-maps link
     for link in links:
         assert (out / link).is_file(), link
     # one table row per run, with numbers in it (the ellipsoid is scored, not skipped)
@@ -85,6 +85,9 @@ def test_demo_pipeline_writes_a_report_with_every_run(tmp_path):
     assert "nova3d image-to-3d --image IMG --model" in report
     # the conflict AUROC is a probability for runs with conflict maps, absent without
     assert 0 <= demo.runs["default"].conflict_auroc <= 1 and demo.runs["no_conflict"].conflict_auroc is None
+    # an ablation without conflict maps writes none (nor a contact sheet of zeros)
+    assert (demo.runs["default"].out_dir / "conflict_maps.png").is_file()
+    assert not (demo.runs["no_conflict"].out_dir / "conflict_maps.png").exists()
     # pose errors before/after came from the perturbed folder's true cameras
     m = demo.runs["no_pose_refine"].metrics
     assert m["rotation_error_deg_before"] > 0 and m["rotation_error_deg_after"] == pytest.approx(

@@ -107,9 +107,12 @@ class FusionSystem(L.LightningModule):
         """[V, 4, 4] the cameras with the current corrections (step None: always applied)."""
         return self.c2w if self.poses is None else self.poses(self.c2w, step)
 
+    def uses_conflict(self) -> bool:
+        """Whether this run learns conflict maps at all (False for `fusion/no_conflict`)."""
+        return self.cfg.loss.conflict_maps and self.cfg.loss.conflict > 0
+
     def conflict_active(self, step: int) -> bool:
-        loss = self.cfg.loss
-        return loss.conflict_maps and loss.conflict > 0 and step >= loss.conflict_start_step
+        return self.uses_conflict() and step >= self.cfg.loss.conflict_start_step
 
     def loss_terms(self, out: RenderOutput, rays: RayBatch, step: int) -> dict[str, Tensor]:
         """Every loss term, unweighted; `loss_weights` says how they add up."""
