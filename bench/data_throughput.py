@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 from data_prep.write_shards import write_shards  # noqa: E402
 from nova3d.config import DataConfig  # noqa: E402
 from nova3d.data.datamodule import MultiViewDataModule  # noqa: E402
-from nova3d.data.shards import _decode_array, _encode_array, encode_png16, read_object_folder  # noqa: E402
+from nova3d.data.png import encode_png16  # noqa: E402
+from nova3d.data.shards import _decode_array, _encode_array, read_object_folder  # noqa: E402
 from nova3d.data import schema  # noqa: E402
 from tests.helpers_objects import make_object_folder  # noqa: E402
 

@@ -125,7 +125,7 @@ def mask_agreement(verts: np.ndarray, cameras: Cameras, masks: np.ndarray) -> li
 
 def write_gt_mesh(source: ObjectSource, folder: Path) -> dict:
     """Write folder/mesh.glb (+ mesh.json) for a rendered object; ValueError if it disagrees with the renders."""
-    from nova3d.data.shards import read_png
+    from nova3d.data.png import read_png
 
     meta = schema.ObjectMeta.load(folder / schema.META_FILE)
     cameras = Cameras.load(folder / schema.CAMERAS_FILE)

@@ -5,7 +5,7 @@
 Reads OUT/shards/task-IIII-of-NNNN/manifest.json (data_prep.array_task) and writes
 OUT/shards/manifest.json listing every task's shards by relative path
 ("task-0000-of-0002/train-000000.tar"), so `data.train_shards=OUT/shards` trains on all of them
-(nova3d.data.shards.resolve_shards follows the manifest's names). Checks, each a one-line error:
+(nova3d.data.manifest.resolve_shards follows the manifest's names). Checks, each a one-line error:
 all tasks of one array size are present (unless --allow-missing), every task used the same
 shard encoding, and no object was packed twice. Plain JSON: no torch import, so it is quick as
 its own small SLURM job (`sbatch --dependency=afterok:<array job> render.sbatch --merge OUT`).

@@ -25,7 +25,7 @@ from PIL import Image
 
 from nova3d.cameras import Cameras, OrbitSpec, convert_normal_frame, encode_normals, orbit_cameras
 from nova3d.data import schema
-from nova3d.data.shards import encode_png16  # PIL cannot write 16-bit RGB
+from nova3d.data.png import encode_png16  # PIL cannot write 16-bit RGB
 from nova3d.errors import Nova3DError
 
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".fbx")

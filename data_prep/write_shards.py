@@ -23,7 +23,9 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from nova3d.data import schema
-from nova3d.data.shards import INVALID, Manifest, SampleError, ShardInfo, encode_sample, read_object_folder
+from nova3d.data.manifest import Manifest, ShardInfo
+from nova3d.data.sample_error import INVALID, SampleError
+from nova3d.data.shards import encode_sample, read_object_folder
 from nova3d.errors import Nova3DError
 
 VAL_PREFIX = "val"
@@ -34,7 +36,7 @@ TAR_MTIME = 0  # fixed member times: the same objects always give byte-identical
 class Rejected:
     object_id: str
     path: str
-    reason: str  # nova3d.data.shards reason code
+    reason: str  # nova3d.data.sample_error reason code
     detail: str
 
 

@@ -122,7 +122,7 @@ def generate_object(image: str | Path, model: str | Path, out: str | Path,
 def write_object_folder(out: Path, object_id: str, rgb: torch.Tensor, normals: torch.Tensor, masks: torch.Tensor,
                         cameras, meta: schema.ObjectMeta) -> Path:
     """Write one object's views atomically. rgb, normals: [F, 3, H, W]; masks: [F, 1, H, W] coverage."""
-    from nova3d.data.shards import encode_png16
+    from nova3d.data.png import encode_png16
     from nova3d.pipeline import MASK_THRESHOLD
 
     partial, final = out / (object_id + schema.TMP_SUFFIX), out / object_id

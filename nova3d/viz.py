@@ -60,7 +60,8 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
 
 def contact_sheet_from_shards(shards: str, out: str | os.PathLike, index: int = 0) -> Path:
     """Write the contact sheet of sample `index` (in shard order) as the evaluation loader sees it."""
-    from nova3d.data.shards import decode_sample, existing_shards, iter_tar_samples
+    from nova3d.data.manifest import existing_shards
+    from nova3d.data.shards import decode_sample, iter_tar_samples
     from nova3d.data.views import make_views
     from nova3d.errors import Nova3DError
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from nova3d.cameras import OrbitSpec, orbit_cameras
 from nova3d.data import schema
-from nova3d.data.shards import encode_png16
+from nova3d.data.png import encode_png16
 from nova3d.eval.mesh_render import render_mesh
 from nova3d.eval.protocol import load_mesh
 from nova3d.mesh_io import save_mesh

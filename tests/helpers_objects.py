@@ -16,7 +16,7 @@ from PIL import Image
 
 from nova3d.cameras import Cameras, OrbitSpec, convert_normal_frame, orbit_cameras, pixel_rays
 from nova3d.data import schema
-from nova3d.data.shards import encode_png16
+from nova3d.data.png import encode_png16
 
 RADII = (0.45, 0.3, 0.35)  # ellipsoid half-axes (x, y, z) inside the unit box
 

@@ -23,7 +23,7 @@ from nova3d.data import schema
 from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.data.inspect import inspect_shards
 from nova3d.data.latent_cache import check_vae
-from nova3d.data.shards import Manifest
+from nova3d.data.manifest import Manifest
 from nova3d.errors import Nova3DError
 from nova3d.models.conditioning import Conditioner, build_tiny_conditioner
 from nova3d.run_dir import run_dir_for

@@ -19,7 +19,7 @@ from data_prep.procedural import make_object
 from nova3d import mesh_io
 from nova3d.cameras import Cameras
 from nova3d.data import schema
-from nova3d.data.shards import read_png
+from nova3d.data.png import read_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RES = 64

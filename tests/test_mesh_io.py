@@ -107,20 +107,20 @@ def test_unknown_format_is_one_line_error(tmp_path: Path, mug) -> None:
 
 @pytest.mark.slow
 def test_blender_imports_our_files_in_the_world_frame(tmp_path: Path, mug) -> None:
-    """bpy's glTF / OBJ / PLY importers (what data_prep.render_views uses) give back our Z-up
+    """bpy's glTF / OBJ / PLY importers (what data_prep.blender_scene uses) give back our Z-up
     vertices and our sRGB vertex colours."""
     from scipy.spatial import cKDTree
 
-    from data_prep import render_views
+    from data_prep import blender_scene
 
-    bpy = render_views._blender()
+    bpy = blender_scene._blender()
     world = np.asarray(mug.vertices)
     for suffix in (".glb", ".obj", ".ply"):
         path = mesh_io.save_mesh(mug, tmp_path / f"mug{suffix}")
         bpy.ops.wm.read_factory_settings(use_empty=True)
-        render_views.import_mesh(path)
+        blender_scene.import_mesh(path)
         [obj] = [o for o in bpy.context.scene.objects if o.type == "MESH"]
-        verts, faces = render_views._world_vertices(obj, bpy.context.evaluated_depsgraph_get())
+        verts, faces = blender_scene._world_vertices(obj, bpy.context.evaluated_depsgraph_get())
         assert faces == len(mug.faces), suffix
         # both ways: every Blender vertex is one of ours and every one of ours is in Blender
         assert cKDTree(world).query(verts)[0].max() < 1e-6, suffix

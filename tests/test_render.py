@@ -21,9 +21,9 @@ from torchvision.io import ImageReadMode, decode_png
 from data_prep import procedural
 from data_prep.render_io import (ATTEMPTS_FILE, BACKGROUNDS, FAILURES_FILE, MAX_ATTEMPTS, RenderSettings,
                                  collect_sources, object_cameras, write_view_files)
-from nova3d.data.shards import encode_png16
 from nova3d.cameras import Cameras, OrbitSpec, convert_normal_frame, decode_normals, orbit_cameras
 from nova3d.data import schema
+from nova3d.data.png import encode_png16
 from nova3d.errors import Nova3DError
 
 TINY = RenderSettings(views=4, resolution=32, samples=2, depth=True)  # denoiser on: the default path

@@ -13,9 +13,10 @@ from data_prep.write_shards import write_shards
 from nova3d.cameras import decode_normals
 from nova3d.data import schema
 from nova3d.data.inspect import inspect_shards, main as inspect_main
-from nova3d.data.shards import (Manifest, ShardReadError, decode_sample, encode_png16, encode_sample,
-                                evenly_spaced_views, iter_tar_samples, read_object_folder, read_png,
-                                resolve_shards)
+from nova3d.data.manifest import Manifest, resolve_shards
+from nova3d.data.png import encode_png16, read_png
+from nova3d.data.shards import (ShardReadError, decode_sample, encode_sample, evenly_spaced_views, iter_tar_samples,
+                                read_object_folder)
 from nova3d.errors import Nova3DError
 from tests.helpers_objects import make_object_folder, rewrite_tar, synthetic_views
 

@@ -29,7 +29,7 @@ from data_prep.render_io import RenderSettings
 from data_prep.write_shards import write_shards
 from nova3d.config import DataConfig, load_experiment
 from nova3d.data.datamodule import MultiViewDataModule, rank_share
-from nova3d.data.shards import Manifest, resolve_shards
+from nova3d.data.manifest import Manifest, resolve_shards
 from nova3d.errors import Nova3DError
 from nova3d.preemption import PreemptionCheckpoint
 from nova3d.slurm import Allocation, SlurmLaunchError, apply_global_batch, check_allocation, sbatch_command

@@ -39,9 +39,10 @@ import webdataset as wds
 
 from nova3d.cameras import NORMAL_FRAMES
 from nova3d.config import DataConfig, slurm_cpus_per_task
-from nova3d.data.shards import (INVALID, MISSING_KEY, UNDECODABLE, Manifest, SampleError, ShardReadError,
-                                decode_sample, evenly_spaced_views, existing_shards, find_manifest,
-                                iter_tar_samples, stored_num_views)
+from nova3d.data.manifest import Manifest, existing_shards, find_manifest
+from nova3d.data.sample_error import INVALID, MISSING_KEY, UNDECODABLE, SampleError
+from nova3d.data.shards import (ShardReadError, decode_sample, evenly_spaced_views, iter_tar_samples,
+                                stored_num_views)
 from nova3d.data.views import MultiViewBatch, PackedBatch, PackedViews, Scratch, collate_packed, pack_views, unpack_batch
 from nova3d.data import latent_cache
 from nova3d.errors import Nova3DError
@@ -53,7 +54,7 @@ BACKGROUNDS = ("random", "white")
 
 @dataclass
 class SkipReport:
-    """How many shards/samples were skipped, by reason (nova3d.data.shards codes)."""
+    """How many shards/samples were skipped, by reason (nova3d.data.sample_error codes)."""
 
     counts: dict[str, int]
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 from nova3d.data import schema
-from nova3d.data.shards import (Manifest, SampleError, ShardInfo, ShardReadError, decode_sample, find_manifest,
-                                iter_tar_samples, resolve_shards)
+from nova3d.data.manifest import Manifest, ShardInfo, find_manifest, resolve_shards
+from nova3d.data.sample_error import SampleError
+from nova3d.data.shards import ShardReadError, decode_sample, iter_tar_samples
 from nova3d.errors import Nova3DError
 
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from nova3d.data import schema
-from nova3d.data.shards import INVALID, MISSING_KEY, UNDECODABLE, Manifest, SampleError, find_manifest
+from nova3d.data.manifest import Manifest, find_manifest
+from nova3d.data.sample_error import INVALID, MISSING_KEY, UNDECODABLE, SampleError
 from nova3d.errors import Nova3DError
 
 CACHE_SCRIPT = "data_prep/cache_latents.py"

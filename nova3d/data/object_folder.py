@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from nova3d.data import schema
-from nova3d.data.shards import ObjectSample, encode_png16
+from nova3d.data.png import encode_png16
+from nova3d.data.shards import ObjectSample
 from nova3d.errors import Nova3DError
 
 _META_FIELDS = {f.name for f in dataclasses.fields(schema.ObjectMeta)}

@@ -1,48 +1,33 @@
 """The shard sample codec (shared by data_prep/write_shards.py and the DataModule), reading
-object folders, the shard reader, and finding shards and their manifest.
+object folders, and reading shards back as samples.
 
-Keys and encodings are defined in `nova3d.data.schema` ("Shard samples"). Object-folder
-images are decoded with torchvision's libpng binding, which keeps 16 bits (Pillow reads
-16-bit RGB PNGs as 8-bit); 16-bit PNGs are written here with numpy + zlib for the same reason.
+Keys and encodings are defined in `nova3d.data.schema` ("Shard samples"); manifests and shard
+lists are in `nova3d.data.manifest`, PNG reading and writing in `nova3d.data.png`.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import math
 import os
-import struct
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import braceexpand
 import numpy as np
 import torch
 import zstandard
-from torchvision.io import ImageReadMode, decode_png
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from nova3d.atomic import write_json_atomic
 from nova3d.cameras import Cameras
 from nova3d.data import schema
+from nova3d.data.png import read_png
+from nova3d.data.sample_error import INVALID, MISSING_FILE, MISSING_KEY, UNDECODABLE, SampleError
 from nova3d.errors import Nova3DError
-
-# Reasons a sample or an object folder is refused; stable strings, counted by reason.
-MISSING_KEY, MISSING_FILE, UNDECODABLE, INVALID = "missing_key", "missing_file", "undecodable", "invalid"
-
-
-class SampleError(Nova3DError):
-    """A sample or object folder that cannot be used; `reason` is one of the codes above."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -80,51 +65,6 @@ class ObjectSample:
         return self
 
 
-# --- 16-bit PNG writing and PNG reading ---------------------------------------------------
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (L, LA, RGB, RGBA)
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
-def _paeth_filter(rows: np.ndarray, bpp: int) -> np.ndarray:
-    """PNG filter type 4 of every row [H, B] uint8 (vectorised: filtering only reads raw bytes)."""
-    a, b, c = np.zeros_like(rows), np.zeros_like(rows), np.zeros_like(rows)
-    a[:, bpp:], b[1:], c[1:, bpp:] = rows[:, :-bpp], rows[:-1], rows[:-1, :-bpp]  # left, up, up-left
-    a16, b16, c16 = a.astype(np.int16), b.astype(np.int16), c.astype(np.int16)
-    p = a16 + b16 - c16
-    pa, pb, pc = np.abs(p - a16), np.abs(p - b16), np.abs(p - c16)
-    pred = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-    return rows - pred  # uint8 arithmetic wraps modulo 256, as PNG wants
-
-
-def encode_png16(image: np.ndarray, level: int = 6) -> bytes:
-    """[H, W, C] uint16 (C in 1..4) -> 16-bit PNG bytes (Paeth filter, zlib `level`)."""
-    if image.dtype != np.uint16 or image.ndim != 3 or image.shape[2] not in _PNG_COLOUR_TYPES:
-        raise ValueError(f"encode_png16 wants [H, W, 1..4] uint16, got {image.shape} {image.dtype}")
-    h, w, ch = image.shape
-    rows = np.ascontiguousarray(image.astype(">u2")).view(np.uint8).reshape(h, w * ch * 2)
-    scanlines = np.concatenate([np.full((h, 1), 4, np.uint8), _paeth_filter(rows, bpp=2 * ch)], axis=1)
-    header = struct.pack(">IIBBBBB", w, h, 16, _PNG_COLOUR_TYPES[ch], 0, 0, 0)
-    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), level)) + _png_chunk(b"IEND", b""))
-
-
-def read_png(path: str | os.PathLike, channels: int, dtype: type) -> np.ndarray:
-    """A PNG file as [channels, H, W] `dtype` (uint8 or uint16), bit depth kept; else SampleError."""
-    try:
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        image = decode_png(data, mode=ImageReadMode.UNCHANGED).numpy()
-    except (OSError, RuntimeError, ValueError) as err:
-        raise SampleError(UNDECODABLE, f"{path}: not a readable PNG ({str(err).splitlines()[0]})") from err
-    if image.shape[0] != channels or image.dtype != dtype:
-        raise SampleError(INVALID, f"{path}: {image.shape[0]} channels of {image.dtype}, "
-                                   f"expected {channels} of {np.dtype(dtype)}")
-    return image
-
-
 def read_object_folder(folder: str | os.PathLike) -> ObjectSample:
     """Load and check a complete object folder (schema.py); SampleError says what is wrong."""
     folder = Path(folder)
@@ -156,7 +96,6 @@ def read_object_folder(folder: str | os.PathLike) -> ObjectSample:
         return sample.validate()
     except SampleError as err:
         raise SampleError(err.reason, f"{folder}: {err}") from err
-
 
 
 # --- shard sample codec -------------------------------------------------------------------
@@ -303,97 +242,7 @@ def iter_tar_samples(url: str) -> Iterator[dict]:
         yield current
 
 
-# --- manifest and shard lists -------------------------------------------------------------
-@dataclass
-class ShardInfo:
-    """One shard as recorded in manifest.json."""
-
-    name: str  # file name, relative to the manifest's folder
-    split: str
-    num_samples: int
-    num_bytes: int
-    sha256: str
-    objects: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Manifest:
-    """manifest.json of a shard folder (written last, atomically, by write_shards)."""
-
-    encoding: dict
-    shards: list[ShardInfo]
-    splits: dict  # split -> {"pattern": brace pattern, "num_shards": n, "num_samples": n}
-    rejected: list[dict] = field(default_factory=list)  # {"object_id", "path", "reason", "detail"}
-    render_dir: str = ""
-    format: str = schema.SHARD_FORMAT
-    format_version: int = schema.SHARD_FORMAT_VERSION
-
-    def save(self, folder: str | os.PathLike) -> Path:
-        path = Path(folder) / schema.MANIFEST_FILE
-        write_json_atomic(path, dataclasses.asdict(self))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Manifest":
-        path = Path(path)
-        if path.is_dir():
-            path = path / schema.MANIFEST_FILE
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format") != schema.SHARD_FORMAT:
-                raise ValueError(f"format is {data.get('format')!r}, not {schema.SHARD_FORMAT!r}")
-            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-            return cls(**data)
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise Nova3DError(f"{path}: not a valid shard manifest ({err})") from err
-
-    def shard_names(self, split: str | None = None) -> list[str]:
-        return [s.name for s in self.shards if split is None or s.split == split]
-
-
-def find_manifest(spec: str | os.PathLike) -> Path | None:
-    """The manifest.json beside a shard spec (folder, manifest, .tar or brace pattern), if any."""
-    path = Path(str(spec))
-    candidates = [path] if path.name == schema.MANIFEST_FILE else [path / schema.MANIFEST_FILE,
-                                                                   path.parent / schema.MANIFEST_FILE]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def resolve_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
-    """Shard paths named by `spec`, in order.
-
-    `spec`: a brace pattern or .tar path; a folder (its manifest's `split` shards when it has a
-    manifest and `split` is given, else every *.tar in it); a manifest.json; a text file listing
-    one shard per line (relative to the file); or a list of any of these.
-    """
-    if isinstance(spec, (list, tuple)):
-        return [p for item in spec for p in resolve_shards(item, split)]
-    text = str(spec)
-    path = Path(text)
-    if path.is_dir() or path.name == schema.MANIFEST_FILE:
-        manifest_path = find_manifest(path)
-        if manifest_path is not None and (split is not None or path.name == schema.MANIFEST_FILE):
-            names = Manifest.load(manifest_path).shard_names(split)
-            return [str(manifest_path.parent / n) for n in names]
-        if path.is_dir():
-            return sorted(p for p in glob.glob(str(path / f"*{schema.SHARD_EXT}")))
-    if path.is_file() and not text.endswith(schema.SHARD_EXT):
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        return [str(path.parent / ln) for ln in lines]
-    return list(braceexpand.braceexpand(text))
-
-
-def existing_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
-    """resolve_shards, checked: Nova3DError when nothing matches or a named shard is missing."""
-    shards = resolve_shards(spec, split)
-    missing = [s for s in shards if not Path(s).is_file()]
-    if not shards:
-        raise Nova3DError(f"{spec}: no shards found")
-    if missing:
-        raise Nova3DError(f"{spec}: {len(missing)} of {len(shards)} shards missing, e.g. {missing[0]}")
-    return shards
-
-
+# --- choosing views -----------------------------------------------------------------------
 def evenly_spaced_views(total: int, count: int, start: int = 0) -> list[int]:
     """`count` views spread evenly over an orbit of `total`, starting at `start` (e.g. 6 of 16)."""
     if not 1 <= count <= total:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from nova3d.cameras import Cameras, convert_normal_frame, decode_normals
-from nova3d.data.shards import SampleError, read_object_folder
+from nova3d.data.sample_error import SampleError
+from nova3d.data.shards import read_object_folder
 from nova3d.errors import Nova3DError
 
 MIN_MASK_PIXELS = 16  # fewer object pixels than this in a view: nothing to fit there
