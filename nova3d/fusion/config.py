@@ -50,11 +50,12 @@ class FusionLossConfig:
     # is ignored entirely; the conflict net learns c = min(1, expected error / lambda)) is
     # `conflict` x the batch's median error on object rays, at least `conflict_min_error`: a
     # ray conflicts when its view disagrees with the others much more than is typical at the
-    # current stage of training. 0 or `conflict_maps: false` = no conflict. 16: clean rays keep
-    # most of their weight (texture detail has 2-4x the median error: at 4 the conflict map
-    # discounted it and cost 1.25 dB of texture PSNR, at 16 0.14 dB) while corrupted pixels
-    # (10-30x) are still ignored; the map ranks pixels alike at 4, 8 and 16 (AUROC 0.94-0.95).
-    conflict: float = 16.0
+    # current stage of training. 0 or `conflict_maps: false` = no conflict. 64: clean rays keep
+    # their weight at sharp colour edges too (texture PSNR vs no_conflict on CLEAN views, full
+    # budget: block_tower -1.37 / -0.43 / -0.18 dB at 16 / 32 / 64, torus_knot -0.35 / +0.08 at
+    # 16 / 64) while large disagreements are still discounted; the maps rank pixels alike from 4
+    # to 64 (AUROC 0.94-0.95, docs/benchmarks.md "Fusion quality").
+    conflict: float = 64.0
     conflict_min_error: float = 0.02
     conflict_maps: bool = True
     conflict_start_step: int = 200  # the colour error means little before geometry has formed
