@@ -115,7 +115,8 @@ def run_conflict(clean: Path, gt: trimesh.Trimesh, root: Path, overrides: list[s
         m = fuse(views, out, exp, overrides)
         row[exp if views == bad else "oracle"] = {**mesh_scores(out, clean, gt), "seconds": m["seconds_total"]}
         if m["result"].conflict is not None:
-            row["auroc"] = conflict_auroc(m["result"].conflict, load_corruption_masks(bad), load_views(bad).mask.numpy())
+            masks = load_views(bad).mask.numpy()
+            row["auroc"] = conflict_auroc(m["result"].conflict, load_corruption_masks(bad), masks)
     row["gain_db"] = row["fusion/default"]["psnr"] - row["fusion/no_conflict"]["psnr"]
     row["headroom_db"] = row["oracle"]["psnr"] - row["fusion/no_conflict"]["psnr"]
     return row
@@ -141,7 +142,8 @@ def verdict(rows: list[dict]) -> dict:
     """Means over objects of each figure the targets name (only for the scenarios that ran)."""
     figures = {"chamfer": ("clean", "chamfer"), "iou": ("clean", "iou"), "psnr": ("clean", "psnr"),
                "seconds_clean_fuse": ("clean", "seconds"), "conflict_gain_db": ("conflict", "gain_db"),
-               "conflict_auroc": ("conflict", "auroc"), "conflict_headroom_db": ("conflict", "headroom_db"), "pose_error_reduction": ("pose", "rotation_error_reduction"),
+               "conflict_auroc": ("conflict", "auroc"), "conflict_headroom_db": ("conflict", "headroom_db"),
+               "pose_error_reduction": ("pose", "rotation_error_reduction"),
                "pose_translation_error_reduction": ("pose", "translation_error_reduction")}
     s = {k: float(np.mean([r[a][b] for r in rows])) for k, (a, b) in figures.items() if a in rows[0]}
     if "pose" in rows[0]:

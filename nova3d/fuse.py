@@ -5,8 +5,9 @@
 The out folder gets (each file written atomically, nothing before the fit succeeded):
 mesh.glb/.obj/.ply, turntable.gif, conflict_maps.png (+ conflict_maps.npz, the maps as numbers;
 only for experiments with conflict maps), cameras_refined.json, metrics.json (flat numbers +
-"experiment"), config.yaml, and TensorBoard logs under tensorboard/. A folder made by `nova3d perturb` carries its true cameras
-(perturb/cameras_true.json): fusion then also reports the pose errors before and after refinement.
+"experiment"), config.yaml, and TensorBoard logs under tensorboard/. A folder made by
+`nova3d perturb` carries its true cameras (perturb/cameras_true.json): fusion then also reports
+the pose errors before and after refinement.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def refined_cameras(system: FusionSystem) -> Cameras:
     return dataclasses.replace(c, c2w=c2w, K=c.K.cpu(), extra=extra)
 
 
-def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path], torch.Tensor, dict]:
+def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path], torch.Tensor | None, dict]:
     """Mesh files, pictures, refined cameras; returns (meshes, conflict maps or None, stats)."""
     from nova3d.eval.appearance import psnr_per_view
     from nova3d.eval.mesh_render import render_mesh

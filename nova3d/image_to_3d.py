@@ -145,7 +145,8 @@ def image_to_3d(image: str | Path, model: str | Path, out: str | Path, settings:
                      "guidance": list(settings.guidance)},
         "fusion_experiment": cfg.name, "seconds_generate": seconds_generate, "seconds_fuse": seconds_fuse})
     sheet = out / "conflict_maps.png" if fused.conflict is not None else None
-    return ImageTo3DResult(out, views, fused.meshes, out / "turntable.gif", sheet, fused.metrics, seconds_generate, seconds_fuse)
+    return ImageTo3DResult(out, views, fused.meshes, out / "turntable.gif", sheet, fused.metrics, seconds_generate,
+                           seconds_fuse)
 
 
 def summary(result: ImageTo3DResult) -> str:
