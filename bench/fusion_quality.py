@@ -109,11 +109,13 @@ def run_conflict(clean: Path, gt: trimesh.Trimesh, root: Path, overrides: list[s
     if not bad.is_dir():
         perturb_object(clean, bad, perturb)
     row: dict = {"perturb": dataclasses.asdict(perturb)}
-    for exp, views, name in (("fusion/default", bad, "conflict"), ("fusion/no_conflict", bad, "conflict"),
-                             ("fusion/no_conflict", clean, "conflict_oracle")):
+    # key in row, experiment, views fused, out folder name (the oracle: the baseline on clean views)
+    for key, exp, views, name in (("fusion/default", "fusion/default", bad, "conflict"),
+                                  ("fusion/no_conflict", "fusion/no_conflict", bad, "conflict"),
+                                  ("oracle", "fusion/no_conflict", clean, "conflict_oracle")):
         out = root / exp.replace("/", "_") / name
         m = fuse(views, out, exp, overrides)
-        row[exp if views == bad else "oracle"] = {**mesh_scores(out, clean, gt), "seconds": m["seconds_total"]}
+        row[key] = {**mesh_scores(out, clean, gt), "seconds": m["seconds_total"]}
         if m["result"].conflict is not None:
             masks = load_views(bad).mask.numpy()
             row["auroc"] = conflict_auroc(m["result"].conflict, load_corruption_masks(bad), masks)

@@ -31,11 +31,11 @@ from webdataset import TarWriter
 
 from nova3d.config import ExperimentConfig, load_experiment
 from nova3d.data import schema
+from nova3d.data.inspect import file_sha256
 from nova3d.data.latent_cache import check_config, encode_params, sample_info, vae_fingerprint
 from nova3d.data.manifest import Manifest, ShardInfo, find_manifest
 from nova3d.data.sample_error import SampleError
 from nova3d.data.shards import decode_sample, iter_tar_samples
-from nova3d.data.inspect import file_sha256
 from nova3d.data.views import composite, pack_views
 from nova3d.devices import resolve_device
 from nova3d.errors import Nova3DError
