@@ -4,7 +4,8 @@
 
 Per object, three scenarios, each fused with `fusion/default` and the baseline it must beat:
   clean     the Blender views as they are: CD (unit-box, ½ of the two mean NN distances),
-            Volume IoU 64³, PSNR of the textured mesh re-rendered at the input cameras;
+            Volume IoU 64³, PSNR of the textured mesh re-rendered at the input cameras; the
+            ground truth is the object's outer surface (procedural.solid_object), not its parts;
   conflict  colours of views 3, 6, 10, 13 corrupted (drift, blotch, blur; nova3d.fusion.perturb;
             `--perturb key=value ...` changes the PerturbConfig): texture PSNR vs the CLEAN views,
             default vs `fusion/no_conflict` (target +1 dB), and the conflict map's AUROC for
@@ -34,7 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep.procedural import make_object  # noqa: E402
+from data_prep.procedural import solid_object  # noqa: E402
 from nova3d.cameras import Cameras  # noqa: E402
 from nova3d.data import schema  # noqa: E402
 from nova3d.eval.appearance import psnr_per_view  # noqa: E402
@@ -59,9 +60,10 @@ def render_object(name: str, renders: Path) -> Path:
 
 
 def gt_mesh(folder: Path) -> trimesh.Trimesh:
-    """The procedural mesh with the renderer's normalisation (meta.json), in the views' world frame."""
+    """The procedural object's outer surface (solid_object: no contact faces inside the solid) with
+    the renderer's normalisation (meta.json), in the views' world frame."""
     meta = schema.ObjectMeta.load(folder / schema.META_FILE)
-    mesh = make_object(meta.source.split(":", 1)[1])
+    mesh = solid_object(meta.source.split(":", 1)[1])
     norm = meta.normalisation
     mesh.vertices = (np.asarray(mesh.vertices) + norm["offset"]) * norm["scale"]
     return mesh

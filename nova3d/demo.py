@@ -129,8 +129,8 @@ def render_ground_truth(name: str, gt_root: str | Path, resolution: int = RENDER
         summary = render_objects([source], gt_root, settings, progress=progress)
         if summary.failed:
             raise Nova3DError(f"{folder}: Blender render failed: {summary.failed[0]['reason']}")
-        with tempfile.TemporaryDirectory() as tmp:  # the same glTF the renderer imported
-            mesh_file = export_object(name, Path(tmp) / f"{name}.glb")
+        with tempfile.TemporaryDirectory() as tmp:  # the renderer's geometry, contact faces inside removed
+            mesh_file = export_object(name, Path(tmp) / f"{name}.glb", solid=True)
             try:
                 write_gt_mesh(ObjectSource(source.object_id, source.source, path=mesh_file), folder)
             except ValueError as err:

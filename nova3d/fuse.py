@@ -26,6 +26,8 @@ from nova3d.config import is_fusion_experiment, load_experiment, to_yaml
 from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.fusion.config import FusionExperimentConfig
+from nova3d.fusion.underside import cut_unseen_underside
+from nova3d.fusion.view_colors import ViewProjector, projected_color_fn
 from nova3d.fusion.views import FusionViews, load_views
 from nova3d.devices import resolve_device
 from nova3d.systems.fusion import FusionSystem, StepCounter
@@ -59,10 +61,12 @@ def load_fusion_config(experiment: str = DEFAULT_EXPERIMENT, overrides: list[str
 def check_choices(cfg: FusionExperimentConfig, experiment: str) -> None:
     """A misspelt option value fails at load time with one line, not steps into a fit."""
     from nova3d.fusion.field import COLOR_VIEW_MODES
+    from nova3d.fusion.view_colors import COLOR_SOURCES
     from nova3d.losses.fusion import COLOR_METRICS
 
     for key, value, allowed in (("field.color_view_mode", cfg.field.color_view_mode, COLOR_VIEW_MODES),
-                                ("loss.color_metric", cfg.loss.color_metric, COLOR_METRICS)):
+                                ("loss.color_metric", cfg.loss.color_metric, COLOR_METRICS),
+                                ("export.color_source", cfg.export.color_source, COLOR_SOURCES)):
         if value not in allowed:
             raise Nova3DError(f"experiment {experiment}: {key} must be one of {list(allowed)}, got {value!r}")
 
@@ -113,21 +117,6 @@ def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path]
     cfg, views = system.cfg, system.views
     e = cfg.export
     stats: dict = {}
-    t0 = time.perf_counter()
-    mesh = extract_mesh(system.sdf_fn, system.renderer.bound, e.resolution, e.chunk)
-    mesh = clean_mesh(mesh, e.min_component_fraction)
-    color_vertices(mesh, system.color_fn, e.chunk)
-    textured = bake_texture(mesh, system.color_fn, e.texture_size) if e.uv_texture else mesh
-    meshes = export_mesh(textured, out_dir, "mesh", list(e.formats))
-    stats["seconds_mesh_export"] = time.perf_counter() - t0
-    stats.update(vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
-
-    cams = refined_cameras(system)
-    cams.save(out_dir / "cameras_refined.json")
-    # How well the exported mesh explains the views it was fitted to (at the refined poses).
-    rendered = render_mesh(mesh, cams, image_size=views.resolution, background=1.0)
-    stats["psnr_mesh_vs_views"] = float(psnr_per_view(rendered.rgb.clamp(0, 1), views.rgb.cpu()).mean())
-
     conflict = None
     if system.uses_conflict():  # an ablation without conflict maps has none to show (and saves ~20 s)
         t0 = time.perf_counter()
@@ -139,6 +128,30 @@ def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path]
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, conflict=conflict.numpy().astype(np.float16))
         conflict_sheet(maps.rgb.cpu(), conflict, out_dir / "conflict_maps.png")
+    cams = refined_cameras(system)
+    cams.save(out_dir / "cameras_refined.json")
+
+    t0 = time.perf_counter()
+    mesh = extract_mesh(system.sdf_fn, system.renderer.bound, e.resolution, e.chunk)
+    mesh = clean_mesh(mesh, e.min_component_fraction)
+    if e.cut_unseen_underside:
+        mesh, height = cut_unseen_underside(mesh, system.sdf_fn, system.renderer.bound, cams, views.mask, e,
+                                            system.device)
+        if height is not None:  # else nothing hung below what the views see
+            stats["underside_cut_height"] = height
+    color_fn = system.color_fn
+    if e.color_source == "views":
+        projector = ViewProjector(mesh, views.rgb, cams, conflict, e.view_colors)
+        color_fn = projected_color_fn(projector, system.color_fn)
+    color_vertices(mesh, color_fn, e.chunk, device=system.device)
+    textured = bake_texture(mesh, color_fn, e.texture_size, device=system.device) if e.uv_texture else mesh
+    meshes = export_mesh(textured, out_dir, "mesh", list(e.formats))
+    stats["seconds_mesh_export"] = time.perf_counter() - t0
+    stats.update(vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
+
+    # How well the exported mesh explains the views it was fitted to (at the refined poses).
+    rendered = render_mesh(mesh, cams, image_size=views.resolution, background=1.0)
+    stats["psnr_mesh_vs_views"] = float(psnr_per_view(rendered.rgb.clamp(0, 1), views.rgb.cpu()).mean())
     turntable(mesh, out_dir / "turntable.gif", frames=cfg.logging.turntable_frames)
     return meshes, conflict, stats
 

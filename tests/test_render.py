@@ -300,3 +300,18 @@ def test_export_object_keeps_colours_and_orientation(tmp_path: Path) -> None:
     assert np.isclose(ply.extents[2], 1.0) and len(np.unique(ply.visual.vertex_colors, axis=0)) >= 3
     with pytest.raises(ValueError, match="use .glb"):
         procedural.export_object("mug", tmp_path / "mug.usd")
+
+
+def test_solid_objects_are_closed_surfaces_without_contact_faces() -> None:
+    for name in procedural.PROCEDURAL_OBJECTS:
+        parts, solid = procedural.make_object(name), procedural.solid_object(name)
+        assert solid.is_watertight and np.allclose(solid.bounds, parts.bounds, atol=1e-6), name
+        assert solid.area <= parts.area + 1e-9, name  # only faces inside the solid go
+    # block_tower's blocks rest on each other: the union keeps their total volume and loses the
+    # faces where they touch (twice the area of each contact), so the area falls by a fifth.
+    tower = procedural.make_object("block_tower")
+    ends = np.cumsum(tower.metadata["part_faces"])
+    blocks = [trimesh.Trimesh(tower.vertices, tower.faces[e - n:e]) for n, e in zip(tower.metadata["part_faces"], ends)]
+    solid = procedural.solid_object("block_tower")
+    assert np.isclose(solid.volume, sum(b.volume for b in blocks), rtol=1e-6)
+    assert solid.area < 0.85 * tower.area

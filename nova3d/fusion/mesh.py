@@ -1,5 +1,6 @@
 """From fitted fields to mesh files (DESIGN.md §4 "Export"): marching cubes on the SDF, clean-up,
-vertex colours from the colour field, an optional xatlas UV texture, and .glb/.obj/.ply files.
+vertex colours (from a color_fn: the colour field, or the views projected by nova3d.fusion.view_colors),
+an optional xatlas UV texture, and .glb/.obj/.ply files.
 
 World units throughout (the field's cube is [-bound, bound]^3, SDF < 0 inside). Callables
 stand in for the fields, so this module knows nothing of networks:
@@ -24,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from nova3d.errors import Nova3DError
+from nova3d.fusion.view_colors import ViewColorConfig
 from nova3d.mesh_io import save_mesh
 
 MESH_FORMATS = ("glb", "obj", "ply")
@@ -36,6 +38,12 @@ class MeshExportConfig:
     resolution: int = 192  # marching-cubes grid points per axis over the field's cube
     chunk: int = 65536  # points per sdf_fn / color_fn call
     min_component_fraction: float = 0.05  # drop components with fewer faces than this x the largest
+    cut_unseen_underside: bool = True  # nothing below the lowest point a view sees (nova3d.fusion.underside)
+    # Texture colours: "views" projects the input views (weighted by their conflict maps) onto the
+    # mesh, with the colour field where no view sees it (nova3d.fusion.view_colors); "field" is
+    # the colour field alone (NOVA3D's / Wonder3D's export, blurrier: docs/benchmarks.md).
+    color_source: str = "views"
+    view_colors: ViewColorConfig = field(default_factory=ViewColorConfig)
     uv_texture: bool = False  # also bake an xatlas UV texture (vertex colours are always written)
     texture_size: int = 1024
     formats: list[str] = field(default_factory=lambda: list(MESH_FORMATS))

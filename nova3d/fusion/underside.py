@@ -1,0 +1,63 @@
+"""Cut away what hangs below the lowest surface point any view sees.
+
+Views on an elevation-0 orbit (DESIGN.md §4 "Cameras") never see an object's underside, so
+nothing in the fit shapes it: the SDF keeps the visual hull there, a cone that hangs below the
+object (block_tower: its flat bottom at z = -0.50 came out as a skirt down to -0.58, over a
+third of the Chamfer Distance; docs/benchmarks.md "Fusion quality"). No view has evidence of
+anything below the lowest point it sees, so export intersects the SDF with the half-space above
+that height, sdf' = max(sdf, height - z) (world +z up, nova3d.cameras), and extracts the mesh
+again. A flat bottom comes out flat; a round one loses the cap below the lowest seen point
+instead, about as far off as the cone it replaces (a sphere of radius 0.5 seen from 1.5: the
+cut is 0.029 above its bottom, the hull's cone reaches 0.030 below).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import trimesh
+from torch import Tensor
+
+from nova3d.cameras import Cameras, pixel_rays
+from nova3d.eval.mesh_render import render_mesh
+from nova3d.fusion.mesh import MeshExportConfig, SdfFn, clean_mesh, extract_mesh
+
+
+def lowest_seen_height(mesh: trimesh.Trimesh, cameras: Cameras, masks: Tensor) -> float | None:
+    """The height (z) of the lowest surface point the views see: the mesh's depth at the pixels
+    inside the views' masks [V, H, W], eroded by one pixel (an edge pixel's ray may graze the
+    fit's surface behind the silhouette: block_tower's cut came out 0.02 lower without it), less
+    two pixels' footprint: the erosion and the pixel centre leave the lowest pixel 1-2 pixels
+    above the silhouette's edge, and the cut must not take what a view sees. None where no
+    masked pixel sees the mesh."""
+    masks = masks.float().cpu()
+    V, H, W = masks.shape
+    depth = render_mesh(mesh, cameras, image_size=W).depth[:, 0]  # along the camera axis, 0 off the mesh
+    inner = -F.max_pool2d(-masks[:, None], 3, stride=1, padding=1)[:, 0] > 0.5
+    c2w = cameras.c2w.float().cpu()
+    origins, dirs = pixel_rays(c2w, cameras.K.float().cpu(), H, W)
+    forward = -c2w[:, None, None, :3, 2]  # opengl: the camera looks down -z
+    height = (origins + dirs * (depth / (dirs * forward).sum(-1))[..., None])[..., 2]
+    height = height - 2 * depth / cameras.K.float().cpu()[:, None, None, 1, 1]  # two pixels lower at that depth
+    seen = inner & (depth > 0)
+    return float(height[seen].min()) if bool(seen.any()) else None
+
+
+def cut_below(sdf_fn: SdfFn, height: float) -> SdfFn:
+    """sdf_fn intersected with the half-space z >= height."""
+
+    def cut(points: Tensor) -> Tensor:
+        return torch.maximum(sdf_fn(points), height - points[:, 2])
+
+    return cut
+
+
+def cut_unseen_underside(mesh: trimesh.Trimesh, sdf_fn: SdfFn, bound: float, cameras: Cameras, masks: Tensor,
+                         cfg: MeshExportConfig, device: torch.device | str | None = None
+                         ) -> tuple[trimesh.Trimesh, float | None]:
+    """(mesh, cut height), or (mesh, None) unchanged where nothing hangs a grid cell below the lowest seen point."""
+    height = lowest_seen_height(mesh, cameras, masks)
+    cell = 2 * bound / (cfg.resolution - 1)
+    if height is None or float(mesh.vertices[:, 2].min()) > height - cell:
+        return mesh, None
+    cut = extract_mesh(cut_below(sdf_fn, height), bound, cfg.resolution, cfg.chunk, device=device)
+    return clean_mesh(cut, cfg.min_component_fraction), height

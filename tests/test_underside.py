@@ -1,0 +1,77 @@
+"""nova3d.fusion.underside: what hangs below the lowest point the views see is cut away. A box
+with a shallow pyramid under it stands for the fit's visual-hull cone under a flat bottom."""
+import numpy as np
+import pytest
+import torch
+
+from nova3d.cameras import OrbitSpec, orbit_cameras
+from nova3d.eval.mesh_render import render_mesh
+from nova3d.fusion.mesh import MeshExportConfig, clean_mesh, extract_mesh
+from nova3d.fusion.underside import cut_below, cut_unseen_underside, lowest_seen_height
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+BOUND, RES, IMAGE = 0.75, 96, 96
+# Box [-0.3, 0.3]^3; its cone slopes 10 deg, less than the 11-14 deg at which elevation-0 cameras
+# at radius 1.5 look down at it, so they never see it (as with the fit's visual-hull cone).
+HALF, BOTTOM, APEX = 0.3, -0.3, -0.3 - 0.3 * np.tan(np.radians(10.0))
+
+
+def box_with_cone(points: torch.Tensor) -> torch.Tensor:
+    """A convex polytope as the max of its planes' signed distances: zero on its surface."""
+    x, y, z = points.unbind(-1)
+    sides = torch.stack([x.abs(), y.abs()], -1).max(-1).values - HALF
+    top = z - HALF
+    slope = (BOTTOM - APEX) / HALF  # the cone's four faces: z = APEX + slope * max(|x|, |y|)
+    cone = (APEX + slope * torch.stack([x.abs(), y.abs()], -1).max(-1).values - z) / np.hypot(1, slope)
+    return torch.stack([sides, top, cone], -1).max(-1).values
+
+
+def sphere(points: torch.Tensor) -> torch.Tensor:
+    return points.norm(dim=-1) - 0.3
+
+
+def cameras(elevation: float):
+    return orbit_cameras(OrbitSpec(num_views=8, resolution=IMAGE, elevation_deg=elevation, radius=1.5))
+
+
+def masks(mesh, cams):
+    """The views' masks: the cone hides behind the box, so these are the box's silhouettes."""
+    return render_mesh(mesh, cams, image_size=IMAGE).mask[:, 0]
+
+
+@pytest.fixture(scope="module")
+def hull_mesh():
+    return clean_mesh(extract_mesh(box_with_cone, BOUND, RES, progress=False))
+
+
+def test_lowest_seen_point_is_the_flat_bottoms_edge_not_the_cone(hull_mesh):
+    assert hull_mesh.vertices[:, 2].min() < APEX + 0.02
+    cams = cameras(0.0)
+    height = lowest_seen_height(hull_mesh, cams, masks(hull_mesh, cams))
+    cell = 2 * BOUND / (RES - 1)
+    assert BOTTOM - 2 * cell < height < BOTTOM + cell
+
+
+def test_cut_below_is_the_half_space_intersection():
+    pts = torch.tensor([[0.0, 0.0, -0.25], [0.0, 0.0, 0.0], [0.0, 0.0, 0.25]])
+    cut = cut_below(sphere, -0.1)(pts)
+    assert torch.allclose(cut, torch.tensor([0.15, -0.1, -0.05]))  # below: distance to the plane wins
+
+
+def test_export_cuts_the_cone_and_keeps_the_rest(hull_mesh):
+    cfg = MeshExportConfig(resolution=RES)
+    cams = cameras(0.0)
+    mesh, height = cut_unseen_underside(hull_mesh, box_with_cone, BOUND, cams, masks(hull_mesh, cams), cfg)
+    assert height is not None
+    cell = 2 * BOUND / (RES - 1)
+    assert mesh.vertices[:, 2].min() > height - 1e-3 and mesh.vertices[:, 2].min() < BOTTOM + 2 * cell
+    assert np.isclose(mesh.vertices[:, 2].max(), hull_mesh.vertices[:, 2].max(), atol=1e-6)  # the top is untouched
+    assert mesh.is_watertight
+
+
+def test_nothing_is_cut_when_views_from_below_see_the_underside(hull_mesh):
+    cfg = MeshExportConfig(resolution=RES)
+    cams = cameras(-40.0)
+    mesh, height = cut_unseen_underside(hull_mesh, box_with_cone, BOUND, cams, masks(hull_mesh, cams), cfg)
+    assert height is None and mesh is hull_mesh
