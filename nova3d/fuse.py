@@ -27,7 +27,7 @@ from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.fusion.config import FusionExperimentConfig
 from nova3d.fusion.underside import cut_unseen_underside
-from nova3d.fusion.view_colors import ViewProjector, projected_color_fn
+from nova3d.fusion.view_colors import COLOR_SOURCES, ViewProjector, projected_color_fn
 from nova3d.fusion.views import FusionViews, load_views
 from nova3d.devices import resolve_device
 from nova3d.systems.fusion import FusionSystem, StepCounter
@@ -61,7 +61,6 @@ def load_fusion_config(experiment: str = DEFAULT_EXPERIMENT, overrides: list[str
 def check_choices(cfg: FusionExperimentConfig, experiment: str) -> None:
     """A misspelt option value fails at load time with one line, not steps into a fit."""
     from nova3d.fusion.field import COLOR_VIEW_MODES
-    from nova3d.fusion.view_colors import COLOR_SOURCES
     from nova3d.losses.fusion import COLOR_METRICS
 
     for key, value, allowed in (("field.color_view_mode", cfg.field.color_view_mode, COLOR_VIEW_MODES),
@@ -107,8 +106,11 @@ def refined_cameras(system: FusionSystem) -> Cameras:
     return dataclasses.replace(c, c2w=c2w, K=c.K.cpu(), extra=extra)
 
 
-def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path], torch.Tensor | None, dict]:
-    """Mesh files, pictures, refined cameras; returns (meshes, conflict maps or None, stats)."""
+def export_outputs(system: FusionSystem, out_dir: Path, full_views: FusionViews | None = None
+                   ) -> tuple[dict[str, Path], torch.Tensor | None, dict]:
+    """Mesh files, pictures, refined cameras; returns (meshes, conflict maps or None, stats).
+    full_views: the views at their own resolution where the fit ran at a lower one (texture and
+    underside then come from their pixels)."""
     from nova3d.eval.appearance import psnr_per_view
     from nova3d.eval.mesh_render import render_mesh
     from nova3d.fusion.mesh import bake_texture, clean_mesh, color_vertices, export_mesh, extract_mesh
@@ -130,18 +132,20 @@ def export_outputs(system: FusionSystem, out_dir: Path) -> tuple[dict[str, Path]
         conflict_sheet(maps.rgb.cpu(), conflict, out_dir / "conflict_maps.png")
     cams = refined_cameras(system)
     cams.save(out_dir / "cameras_refined.json")
+    full = full_views or views
+    full_cams = dataclasses.replace(full.cameras, c2w=cams.c2w)  # refined poses, the full views' intrinsics
 
     t0 = time.perf_counter()
     mesh = extract_mesh(system.sdf_fn, system.renderer.bound, e.resolution, e.chunk)
     mesh = clean_mesh(mesh, e.min_component_fraction)
     if e.cut_unseen_underside:
-        mesh, height = cut_unseen_underside(mesh, system.sdf_fn, system.renderer.bound, cams, views.mask, e,
+        mesh, height = cut_unseen_underside(mesh, system.sdf_fn, system.renderer.bound, full_cams, full.mask, e,
                                             system.device)
         if height is not None:  # else nothing hung below what the views see
             stats["underside_cut_height"] = height
     color_fn = system.color_fn
     if e.color_source == "views":
-        projector = ViewProjector(mesh, views.rgb, cams, conflict, e.view_colors)
+        projector = ViewProjector(mesh, full.rgb, full_cams, conflict, e.view_colors)
         color_fn = projected_color_fn(projector, system.color_fn)
     color_vertices(mesh, color_fn, e.chunk, device=system.device)
     textured = bake_texture(mesh, color_fn, e.texture_size, device=system.device) if e.uv_texture else mesh
@@ -160,9 +164,8 @@ def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimen
     """Fit one object folder and write everything into `out_dir` (see the module docstring)."""
     cfg = cfg or load_fusion_config()
     views_dir, out_dir = Path(views_dir), Path(out_dir)
-    views = load_views(views_dir)  # every input check happens here, before any optimisation
-    if cfg.optim.fit_resolution:
-        views = views.downsample(cfg.optim.fit_resolution)
+    full_views = load_views(views_dir)  # every input check happens here, before any optimisation
+    views = full_views.downsample(cfg.optim.fit_resolution) if cfg.optim.fit_resolution else full_views
     true_c2w = Cameras.load(views_dir / TRUE_CAMERAS).c2w if (views_dir / TRUE_CAMERAS).is_file() else None
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "config.yaml") as tmp:
@@ -171,7 +174,7 @@ def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimen
     t0 = time.perf_counter()
     system = fit(views, cfg, out_dir, true_c2w)
     seconds_fit = time.perf_counter() - t0
-    meshes, conflict, stats = export_outputs(system, out_dir)
+    meshes, conflict, stats = export_outputs(system, out_dir, full_views)
     metrics = {"experiment": cfg.name, "object_id": views.object_id, "steps": cfg.optim.steps,
                "rays_per_step": cfg.optim.rays, "seconds_fit": seconds_fit, **stats,
                "seconds_total": time.perf_counter() - t0, "device": str(system.device)}
