@@ -34,7 +34,7 @@ class ViewColorConfig:
     min_cos: float = 0.1  # grazing views smear one pixel over a long strip of surface
     # The maps rank pixels well but their values are small (c = expected error / lambda, with
     # lambda = 64 x the median error: corrupted pixels ~0.09, clean ones ~0.014 in the bench), so
-    # 1 - c alone hardly moves a weight; (1 - c)^30 ~ exp(-30 c) gives corrupted pixels ~1/15 of
+    # 1 - c alone hardly moves a weight; (1 - c)^30 ~ exp(-30 c) gives corrupted pixels ~1/10 of
     # a clean one's weight (bench texture PSNR 30.67 / 31.49 / 31.73 / 31.57 dB at 1 / 10 / 30 / 100).
     conflict_power: float = 30.0
     depth_tolerance: float = 0.01  # world units (the object spans 1), + one pixel's footprint: closer = seen
