@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import trimesh
 from torch import Tensor
 
-from nova3d.cameras import Cameras, pixel_rays
+from nova3d.cameras import Cameras
+from nova3d.eval.geometry import depth_to_points
 from nova3d.eval.mesh_render import render_mesh
 from nova3d.fusion.mesh import MeshExportConfig, SdfFn, clean_mesh, extract_mesh
 
@@ -30,16 +31,13 @@ def lowest_seen_height(mesh: trimesh.Trimesh, cameras: Cameras, masks: Tensor) -
     above the silhouette's edge, and the cut must not take what a view sees. None where no
     masked pixel sees the mesh."""
     masks = masks.float().cpu()
-    V, H, W = masks.shape
-    depth = render_mesh(mesh, cameras, image_size=W).depth[:, 0]  # along the camera axis, 0 off the mesh
-    inner = -F.max_pool2d(-masks[:, None], 3, stride=1, padding=1)[:, 0] > 0.5
-    c2w = cameras.c2w.float().cpu()
-    origins, dirs = pixel_rays(c2w, cameras.K.float().cpu(), H, W)
-    forward = -c2w[:, None, None, :3, 2]  # opengl: the camera looks down -z
-    height = (origins + dirs * (depth / (dirs * forward).sum(-1))[..., None])[..., 2]
-    height = height - 2 * depth / cameras.K.float().cpu()[:, None, None, 1, 1]  # two pixels lower at that depth
-    seen = inner & (depth > 0)
-    return float(height[seen].min()) if bool(seen.any()) else None
+    depth = render_mesh(mesh, cameras, image_size=masks.shape[-1]).depth  # [V, 1, H, W] along the axis, 0 off the mesh
+    inner = -F.max_pool2d(-masks[:, None], 3, stride=1, padding=1) > 0.5
+    points = depth_to_points(depth, cameras, inner.float())
+    seen = (depth > 0) & inner  # the pixels depth_to_points keeps, in its order
+    fy = cameras.K[:, 1, 1].float().cpu() * masks.shape[-1] / cameras.width  # at the masks' resolution
+    footprint = (depth / fy[:, None, None, None])[seen]  # one pixel's height at that depth
+    return float((points[:, 2] - 2 * footprint).min()) if len(points) else None
 
 
 def cut_below(sdf_fn: SdfFn, height: float) -> SdfFn:
