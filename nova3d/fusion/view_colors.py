@@ -87,7 +87,9 @@ def projected_color_fn(projector: ViewProjector, field_color_fn: Callable) -> Ca
 
     def color_fn(points: Tensor, normals: Tensor) -> Tensor:
         rgb, weight = projector.colors(points, normals)
-        fallback = field_color_fn(points, normals)
-        return torch.where((weight > 0)[:, None], rgb, fallback).clamp(0, 1)
+        unseen = weight == 0
+        if bool(unseen.any()):  # the field only where no view sees the point (~20 % of the surface)
+            rgb[unseen] = field_color_fn(points[unseen], normals[unseen]).to(rgb)
+        return rgb.clamp(0, 1)
 
     return color_fn
