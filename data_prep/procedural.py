@@ -273,19 +273,24 @@ def make_object(name: str) -> trimesh.Trimesh:
     return PROCEDURAL_OBJECTS[name]()
 
 
+def object_parts(name: str) -> list[trimesh.Trimesh]:
+    """The parts object `name` was built from, geometry only (one mesh for an object of one part)."""
+    mesh = make_object(name)
+    counts = mesh.metadata.get("part_faces", [len(mesh.faces)])
+    # process=True welds the copies that flat shading made of vertices on sharp edges
+    return [trimesh.Trimesh(mesh.vertices, mesh.faces[end - n:end], process=True)
+            for n, end in zip(counts, np.cumsum(counts))]
+
+
 def solid_object(name: str) -> trimesh.Trimesh:
     """Object `name` as one closed surface without colours: the boolean union (manifold3d) of its
     closed parts. make_object's parts touch or overlap (a block resting on another), so their
     concatenation has faces inside the solid that no view can see; scoring a reconstruction
     against them would charge it for surface that does not exist (block_tower: 21 % of the area).
     Objects with an open part (the mug's wall) are returned as they are, geometry only."""
-    mesh = make_object(name)
-    counts = mesh.metadata.get("part_faces", [len(mesh.faces)])
-    ends = np.cumsum(counts)
-    # process=True welds the copies that flat shading made of vertices on sharp edges
-    parts = [trimesh.Trimesh(mesh.vertices, mesh.faces[end - n:end], process=True) for n, end in zip(counts, ends)]
+    parts = object_parts(name)
     if len(parts) == 1 or not all(part.is_volume for part in parts):
-        return trimesh.Trimesh(mesh.vertices, mesh.faces, process=True)
+        return trimesh.util.concatenate(parts)
     return trimesh.boolean.union(parts, engine="manifold")
 
 

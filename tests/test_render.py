@@ -309,9 +309,8 @@ def test_solid_objects_are_closed_surfaces_without_contact_faces() -> None:
         assert solid.area <= parts.area + 1e-9, name  # only faces inside the solid go
     # block_tower's blocks rest on each other: the union keeps their total volume and loses the
     # faces where they touch (twice the area of each contact), so the area falls by a fifth.
-    tower = procedural.make_object("block_tower")
-    ends = np.cumsum(tower.metadata["part_faces"])
-    blocks = [trimesh.Trimesh(tower.vertices, tower.faces[e - n:e]) for n, e in zip(tower.metadata["part_faces"], ends)]
+    tower, blocks = procedural.make_object("block_tower"), procedural.object_parts("block_tower")
+    assert len(blocks) == 5 and all(block.is_volume for block in blocks)
     solid = procedural.solid_object("block_tower")
     assert np.isclose(solid.volume, sum(b.volume for b in blocks), rtol=1e-6)
     assert solid.area < 0.85 * tower.area
