@@ -9,10 +9,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock 2>/dev/
 EXP ?= tiny
 ARGS ?=
 DEMO_OUT ?= outputs/demo
+DEMO_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test test-fast demo train fuse tensorboard clean setup-slurm slurm-train
+TOY_DATA ?= data/toy
+.PHONY: help setup lock test test-fast demo train fuse tensorboard clean setup-slurm slurm-train \
+	toy-data toy-vae toy-bench
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,12 +41,21 @@ test: setup $(if $(IS_ROOT),setup-slurm) ## the CPU test suite (fast + slow tier
 test-fast: setup ## only the fast tier
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
 
-demo: setup ## built-in objects -> shards + contact sheet, then perturb -> fuse x3 -> eval -> outputs/demo/report.md (<10 min CPU)
+demo: setup ## one image -> toy model views -> fuse x3 -> eval -> outputs/demo/report.md (<10 min CPU; DEMO_ARGS=--perturbed adds the perturbed-render scenario)
 	$(BIN)/python -m data_prep.render_views --procedural --out $(DEMO_OUT)/renders --resolution 256
-	$(BIN)/python -m data_prep.write_shards $(DEMO_OUT)/renders --out $(DEMO_OUT)/shards
+	$(BIN)/python -m data_prep.write_shards $(DEMO_OUT)/renders --out $(DEMO_OUT)/shards --update
 	$(BIN)/nova3d inspect-shards $(DEMO_OUT)/shards
 	$(BIN)/nova3d contact-sheet $(DEMO_OUT)/shards --out $(DEMO_OUT)/contact_sheet.png
-	$(BIN)/python -m nova3d.demo --out $(DEMO_OUT)
+	$(BIN)/python -m nova3d.demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+toy-data: setup ## the toy recipe's data: 1600 toy objects rendered at 64² -> $(TOY_DATA)/shards/{train,val,test} (resumable, ~15 min)
+	$(BIN)/python -m data_prep.toy_data --out $(TOY_DATA) $(ARGS)
+
+toy-vae: setup ## train the toy recipe's VAE on $(TOY_DATA) -> runs/autoencoder/toy/local/conditioner/
+	$(BIN)/python -m nova3d.train_vae autoencoder/toy $(ARGS)
+
+toy-bench: setup ## score pretrained/toy on the toy test split: generated views + fused meshes vs truth (bench/toy_generation.py)
+	$(BIN)/python bench/toy_generation.py --data $(TOY_DATA) $(ARGS)
 
 train: setup ## train an experiment: make train EXP=gta_full ARGS="trainer.max_steps=10" (EXP defaults to tiny)
 	$(BIN)/python -m nova3d.train $(EXP) $(ARGS)

@@ -123,8 +123,9 @@ def mask_agreement(verts: np.ndarray, cameras: Cameras, masks: np.ndarray) -> li
     return torch.where(in_frame >= 0.5 * valid.shape[1], share, torch.zeros_like(share)).tolist()
 
 
-def write_gt_mesh(source: ObjectSource, folder: Path) -> dict:
-    """Write folder/mesh.glb (+ mesh.json) for a rendered object; ValueError if it disagrees with the renders."""
+def write_gt_mesh(source: ObjectSource, folder: Path, max_outside: float = MAX_OUTSIDE) -> dict:
+    """Write folder/mesh.glb (+ mesh.json) for a rendered object; ValueError if more than `max_outside`
+    of its vertices miss a view's mask (it disagrees with the renders)."""
     from nova3d.data.png import read_png
 
     meta = schema.ObjectMeta.load(folder / schema.META_FILE)
@@ -137,7 +138,7 @@ def write_gt_mesh(source: ObjectSource, folder: Path) -> dict:
     masks = np.stack([read_png(folder / schema.MASK_DIR / schema.view_name(i), 1, np.uint8)[0] > 127
                       for i in range(meta.num_views)])
     inside = mask_agreement(np.asarray(mesh.vertices), cameras, masks)
-    if min(inside) < 1 - MAX_OUTSIDE:
+    if min(inside) < 1 - max_outside:
         worst = int(np.argmin(inside))
         raise ValueError(f"GT mesh disagrees with the renders: only {inside[worst]:.1%} of its vertices project "
                          f"into view {worst}'s mask (axis convention?)")

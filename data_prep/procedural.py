@@ -266,8 +266,21 @@ PROCEDURAL_OBJECTS: dict[str, Callable[[], trimesh.Trimesh]] = {
 }
 
 
+def is_procedural(name: str) -> bool:
+    """A built-in object's name, or a toy-family name (data_prep.toy_family.toy_name)."""
+    from data_prep.toy_family import parse_toy_name
+
+    return name in PROCEDURAL_OBJECTS or parse_toy_name(name) is not None
+
+
 def make_object(name: str) -> trimesh.Trimesh:
-    """A fresh copy of procedural object `name` (Blender world frame: Z up, front -Y)."""
+    """A fresh copy of procedural object `name` (Blender world frame: Z up, front -Y): a built-in
+    object, or a member of the toy family ("toy-s<seed>-<index>", data_prep.toy_family)."""
+    from data_prep.toy_family import parse_toy_name, toy_object
+
+    toy = parse_toy_name(name)
+    if toy is not None:
+        return toy_object(*toy)
     if name not in PROCEDURAL_OBJECTS:
         raise KeyError(f"unknown procedural object {name!r}; choose from {sorted(PROCEDURAL_OBJECTS)}")
     return PROCEDURAL_OBJECTS[name]()

@@ -108,7 +108,7 @@ def collect_sources(inputs: list[str], procedural: list[str] | None = None) -> l
     A missing path or an unknown procedural name raises Nova3DError. An explicitly named file
     with an unsupported suffix is kept, so it is reported as a failure rather than ignored.
     """
-    from data_prep.procedural import PROCEDURAL_OBJECTS  # trimesh objects; only needed here
+    from data_prep.procedural import PROCEDURAL_OBJECTS, is_procedural  # trimesh objects; only needed here
 
     files: list[Path] = []
     for item in inputs:
@@ -124,8 +124,9 @@ def collect_sources(inputs: list[str], procedural: list[str] | None = None) -> l
         object_id = _unique_id(schema.safe_object_id(path.stem), str(path.resolve()), taken)
         sources.append(ObjectSource(object_id, str(path.resolve()), path=path))
     for name in procedural or []:
-        if name not in PROCEDURAL_OBJECTS:
-            raise Nova3DError(f"unknown procedural object {name!r}; choose from {', '.join(PROCEDURAL_OBJECTS)}")
+        if not is_procedural(name):
+            raise Nova3DError(f"unknown procedural object {name!r}; choose from {', '.join(PROCEDURAL_OBJECTS)} "
+                              "or a toy-family name toy-s<seed>-<index>")
         object_id = _unique_id(schema.safe_object_id(name), f"procedural:{name}", taken)
         sources.append(ObjectSource(object_id, f"procedural:{name}", procedural=name))
     return sources

@@ -7,7 +7,10 @@ Every sub-folder of RENDER_DIR that looks like an object folder (nova3d.data.sch
 and checked; broken ones (missing files, unreadable images, wrong sizes, NaN cameras) are
 rejected with a reason in manifest.json instead of packed. Shards are `<prefix>-000000.tar`,
 ... (and `val-000000.tar`, ... with --val-fraction), each written under a temporary name and
-renamed when complete, so a shard with its final name is whole. manifest.json is written last.
+renamed when complete, so a shard with its final name is whole. manifest.json is written last:
+a folder without one is incomplete (readers that need it say so). With --update a rerun keeps
+shards whose manifest lists exactly the objects of RENDER_DIR and rewrites them otherwise (the old
+manifest goes first, so an interrupted rewrite is visibly incomplete), instead of refusing.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class ShardSummary:
     manifest: Path
     shards: list[ShardInfo]
     rejected: list[Rejected] = field(default_factory=list)
+    up_to_date: bool = False  # --update found the shards current and wrote nothing
 
     @property
     def num_samples(self) -> int:
@@ -142,11 +146,29 @@ def _val_ids(object_ids: list[str], fraction: float) -> set[str]:
     return set(ranked[:count])
 
 
+def _current_manifest(out_dir: Path, folders: list[Path]) -> Manifest | None:
+    """The manifest of `out_dir` if it lists exactly `folders`' objects and its shards all exist."""
+    path = out_dir / schema.MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = Manifest.load(path)
+    except Nova3DError:
+        return None
+    listed = [o for s in manifest.shards for o in s.objects] + [r["object_id"] for r in manifest.rejected]
+    if sorted(listed) != sorted(f.name for f in folders):
+        return None
+    return manifest if all((out_dir / s.name).is_file() for s in manifest.shards) else None
+
+
 def write_shards(render_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_count: int = 1000,
                  max_size: int = 2 * 1024**3, prefix: str = "train", val_fraction: float = 0.0,
-                 encoding: schema.ShardEncoding = schema.ShardEncoding(),
-                 progress: bool = True) -> ShardSummary:
-    """Pack every complete object folder of `render_dir` into shards in `out_dir`."""
+                 encoding: schema.ShardEncoding = schema.ShardEncoding(), split: str = "train",
+                 update: bool = False, progress: bool = True) -> ShardSummary:
+    """Pack every complete object folder of `render_dir` into shards in `out_dir`.
+
+    split: the manifest's name of the main series (what DataModules look up; "val"/"test" for a
+    folder of one held-out split). update: keep current shards, rewrite stale ones (module doc)."""
     render_dir, out_dir = Path(render_dir), Path(out_dir)
     if not render_dir.is_dir():
         raise Nova3DError(f"{render_dir}: not a folder")
@@ -154,16 +176,29 @@ def write_shards(render_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         raise Nova3DError("--max-count and --max-size must be positive")
     if prefix == VAL_PREFIX and val_fraction > 0:
         raise Nova3DError(f"--prefix {VAL_PREFIX!r} is reserved for the validation split")
+    if split == VAL_PREFIX and val_fraction > 0:
+        raise Nova3DError("--val-fraction splits off a validation set: the main split cannot be 'val' too")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Nova3DError(f"--out {out_dir}: is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stale = sorted(out_dir.glob(f"*{schema.SHARD_EXT}"))
-    if stale:
-        raise Nova3DError(f"{out_dir}: already holds shards ({stale[0].name}, ...); use an empty folder")
     folders = find_object_folders(render_dir)
     if not folders:
         raise Nova3DError(f"{render_dir}: no object folders found")
+    stale = sorted(out_dir.glob(f"*{schema.SHARD_EXT}"))
+    if stale and not update:
+        raise Nova3DError(f"{out_dir}: already holds shards ({stale[0].name}, ...); use an empty folder or --update")
+    if stale:
+        current = _current_manifest(out_dir, folders)
+        if current is not None:
+            return ShardSummary(out_dir, out_dir / schema.MANIFEST_FILE, current.shards,
+                                [Rejected(**r) for r in current.rejected], up_to_date=True)
+        (out_dir / schema.MANIFEST_FILE).unlink(missing_ok=True)  # first: the folder is now visibly incomplete
+        for shard in stale:
+            shard.unlink()
     val_ids = _val_ids([f.name for f in folders], val_fraction)
-    series = {"train": _ShardSeries(out_dir, prefix, "train", max_count, max_size),
-              "val": _ShardSeries(out_dir, VAL_PREFIX, "val", max_count, max_size)}
+    series = {split: _ShardSeries(out_dir, prefix, split, max_count, max_size)}
+    if split != VAL_PREFIX:
+        series[VAL_PREFIX] = _ShardSeries(out_dir, VAL_PREFIX, VAL_PREFIX, max_count, max_size)
     rejected: list[Rejected] = []
     packed: dict[str, Path] = {}  # sample key -> folder: keys must be unique
     try:
@@ -177,7 +212,7 @@ def write_shards(render_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
                 rejected.append(Rejected(folder.name, str(folder), err.reason, str(err)))
                 continue
             packed[sample["__key__"]] = folder
-            series["val" if folder.name in val_ids else "train"].write(sample)
+            series["val" if folder.name in val_ids else split].write(sample)
         for s in series.values():
             s.finish()
     except BaseException:
@@ -201,21 +236,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-size", type=int, default=2 * 1024**3, help="bytes per shard at most")
     parser.add_argument("--prefix", default="train", help="shard name prefix of the training split")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="fraction of objects for val-*.tar")
+    parser.add_argument("--split", default="train", help="manifest split name of the shards (train, val, test)")
     parser.add_argument("--zstd-level", type=int, default=schema.ShardEncoding.level)
+    parser.add_argument("--update", action="store_true",
+                        help="rerun: keep the shards if they hold exactly RENDER_DIR's objects, else rewrite them")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         summary = write_shards(args.render_dir, args.out, max_count=args.max_count, max_size=args.max_size,
                                prefix=args.prefix, val_fraction=args.val_fraction,
-                               encoding=schema.ShardEncoding(level=args.zstd_level),
-                               progress=not args.no_progress)
+                               encoding=schema.ShardEncoding(level=args.zstd_level), split=args.split,
+                               update=args.update, progress=not args.no_progress)
     except Nova3DError as err:
         print(f"write_shards: error: {err}", file=sys.stderr)
         return 2
+    if summary.up_to_date:
+        print(f"{summary.out_dir}: up to date ({summary.num_samples} objects in {len(summary.shards)} shards); "
+              "nothing written")
+        return 0
     for r in summary.rejected:
         print(f"rejected {r.object_id} [{r.reason}]: {r.detail}", file=sys.stderr)
-    per_split = {split: sum(s.num_samples for s in summary.shards if s.split == split) for split in ("train", "val")}
-    print(f"wrote {summary.num_samples} objects ({per_split['train']} train, {per_split['val']} val) in "
+    per_split = {name: sum(s.num_samples for s in summary.shards if s.split == name) for name in (args.split, "val")}
+    print(f"wrote {summary.num_samples} objects ({per_split[args.split]} {args.split}, {per_split['val']} val) in "
           f"{len(summary.shards)} shards to {summary.out_dir} ({len(summary.rejected)} rejected); "
           f"manifest: {summary.manifest}")
     return 0

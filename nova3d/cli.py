@@ -50,7 +50,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from nova3d.export import export_checkpoint
 
-    result = export_checkpoint(args.source, args.out, ema=args.ema, which=args.checkpoint, overwrite=args.overwrite)
+    import torch
+
+    result = export_checkpoint(args.source, args.out, ema=args.ema, which=args.checkpoint, overwrite=args.overwrite,
+                               unet_dtype=None if args.unet_dtype is None else getattr(torch, args.unet_dtype))
     weights = "EMA" if result.ema else "raw"
     print(f"wrote {result.out} ({weights} weights of {result.checkpoint}, step {result.global_step})")
     return 0
@@ -194,6 +197,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="which checkpoint of a run directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--unet-dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="store the UNet weights in this dtype (float16 halves the folder; default: as trained)")
 
     p = add("perturb", "copy an object folder with simulated generation errors (colour corruption, pose errors)",
             _perturb)

@@ -24,6 +24,7 @@ from nova3d.errors import Nova3DError
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 PARENT_KEY = "parent"
 FUSION_DIR = "fusion"  # experiments under here use the fusion schema
+AUTOENCODER_DIR = "autoencoder"  # ... and here the toy VAE's (nova3d.models.autoencoder)
 
 
 class ConfigError(Nova3DError):
@@ -56,7 +57,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     pretrained: Optional[str] = None  # diffusers folder or hub id of SVD(-xt); None: random `architecture`
-    architecture: str = "tiny"  # "tiny" or "svd_xt" (used when pretrained is None)
+    architecture: str = "tiny"  # "tiny", "toy" or "svd_xt" (used when pretrained is None)
+    # Folder with image_encoder/ + vae/ (an SVD diffusers folder, or nova3d.train_vae's conditioner):
+    # the frozen CLIP + VAE come from here. None: from `pretrained`, else the architecture's random ones.
+    conditioner: Optional[str] = None
     gta_spatial: bool = True  # cross-domain attention within each view
     gta_temporal: bool = True  # attention along the orbit across both domains
     gta_keys: str = "other_domains"  # GTA branch keys: other_domains | all_domains (models/gta.py)
@@ -180,12 +184,20 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
 
 
 def schema_for(chain: list[tuple[Path, dict]], root: Path = EXPERIMENTS_DIR) -> type:
-    """The config dataclass of an experiment chain: fusion runs live under `fusion/`."""
-    fusion_dir = (root / FUSION_DIR).resolve()
-    if any(fusion_dir in path.resolve().parents for path, _ in chain):
+    """The config dataclass of an experiment chain: fusion runs live under `fusion/`, the toy VAE's
+    under `autoencoder/`, diffusion training everywhere else."""
+    def under(folder: str) -> bool:
+        top = (root / folder).resolve()
+        return any(top in path.resolve().parents for path, _ in chain)
+
+    if under(FUSION_DIR):
         from nova3d.fusion.config import FusionExperimentConfig
 
         return FusionExperimentConfig
+    if under(AUTOENCODER_DIR):
+        from nova3d.models.autoencoder import AutoencoderExperimentConfig
+
+        return AutoencoderExperimentConfig
     return ExperimentConfig
 
 

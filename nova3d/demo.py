@@ -1,8 +1,13 @@
-"""`make demo`: the whole method on a built-in object, no downloads, CPU minutes (issue 5 §3).
+"""`make demo`: the whole method on CPU, no downloads.
 
-    python -m nova3d.demo [--out outputs/demo] [--object torus_knot] [--quick]
+    python -m nova3d.demo [--out outputs/demo] [--model pretrained/toy] [--perturbed] [--quick]
 
-Stages (a progress line with the elapsed time each):
+Main section (nova3d.demo_chain): one image of an unseen toy object -> the shipped toy pipeline's
+16 RGB + 16 normal views -> fusion x3 -> GSO metrics -> OUT/report.md.
+
+The perturbed-render scenario (--perturbed, into OUT/perturbed_demo/; run_demo below): renders
+with simulated generation errors of known position stand in for generated views, so the conflict
+maps and pose refinement can be scored against the truth. Its stages (a progress line each):
   1. render the built-in object with Blender (16 views at 256², depth on) + its GT mesh.glb
      (data_prep.gso's writer): OUT/gt/<object>/, what `nova3d eval --gt OUT/gt` reads;
   2. simulate generation errors (nova3d.fusion.perturb): colour corruption of 4 non-input views
@@ -61,6 +66,13 @@ QUICK_FUSION = ("optim.fit_resolution=64", "optim.steps=60", "optim.rays=256", "
                 "logging.preview_every_n_steps=0", "logging.progress=false")
 DEMO_PERTURB = PerturbConfig(color_views=[3, 6, 10, 13], kinds=["drift", "blotch", "blur"],
                              pose_rotation_deg=3.0, pose_translation=0.01, pose_magnitude="uniform", seed=0)
+# The toy chain's fusion budget (nova3d.demo_chain, bench/toy_generation.py): 64² generated views, so
+# the fit runs at 64² with a grid that resolves it; three fits + exports within the demo's minutes.
+TOY_FUSION = ("optim.fit_resolution=64", "optim.steps=240", "optim.rays=512", "optim.pose_start_step=40",
+              "loss.conflict_start_step=80", "loss.conflict=16", "field.hashgrid.levels=8",
+              "field.hashgrid.log2_table_size=15", "field.hashgrid.max_resolution=256", "export.resolution=96",
+              "logging.preview_every_n_steps=0", "logging.progress=false")
+QUICK_TOY_FUSION = (*QUICK_FUSION, "logging.tensorboard=false")
 RENDER_RESOLUTION, RENDER_SAMPLES = 256, 8
 VIEWS_SHEET, CONFLICT_SHEET, REPORT, RECORD = ("views_clean_vs_perturbed.png", "conflict_vs_truth.png",
                                                "report.md", "demo.json")
@@ -114,10 +126,11 @@ class DemoResult:
 # ---------------------------------------------------------------- stage 1: ground truth
 
 def render_ground_truth(name: str, gt_root: str | Path, resolution: int = RENDER_RESOLUTION,
-                        samples: int = RENDER_SAMPLES, progress: bool = True) -> Path:
+                        samples: int = RENDER_SAMPLES, progress: bool = True, max_outside: float | None = None) -> Path:
     """Render procedural object `name` with Blender (16 views, depth on) into gt_root/<name>/ and
-    write its GT mesh.glb in the renders' normalised frame; kept if already there. Returns the folder."""
-    from data_prep.gso import GT_MESH, write_gt_mesh
+    write its GT mesh.glb in the renders' normalised frame; kept if already there. Returns the folder.
+    max_outside: data_prep.gso's check of the mesh against the masks (None: its default)."""
+    from data_prep.gso import GT_MESH, MAX_OUTSIDE, write_gt_mesh
     from data_prep.render_io import ObjectSource, RenderSettings, collect_sources
     from data_prep.render_views import render_objects
     from data_prep.procedural import export_object
@@ -132,7 +145,8 @@ def render_ground_truth(name: str, gt_root: str | Path, resolution: int = RENDER
         with tempfile.TemporaryDirectory() as tmp:  # the renderer's geometry, contact faces inside removed
             mesh_file = export_object(name, Path(tmp) / f"{name}.glb", solid=True)
             try:
-                write_gt_mesh(ObjectSource(source.object_id, source.source, path=mesh_file), folder)
+                write_gt_mesh(ObjectSource(source.object_id, source.source, path=mesh_file), folder,
+                              MAX_OUTSIDE if max_outside is None else max_outside)
             except ValueError as err:
                 raise Nova3DError(f"{folder / GT_MESH}: {err}") from err
     return folder
@@ -289,26 +303,37 @@ def _record(demo: DemoResult) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from data_prep.procedural import PROCEDURAL_OBJECTS
+    from nova3d.demo_chain import TOY_MODEL, TOY_OBJECT, TOY_STEPS, run_chain
 
     p = argparse.ArgumentParser(prog="python -m nova3d.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    p.add_argument("--model", default=str(TOY_MODEL), help="pipeline folder (default: the shipped toy model)")
+    p.add_argument("--toy-object", default=TOY_OBJECT, help=f"toy-family object to start from (default: "
+                                                            f"{TOY_OBJECT}, test split)")
+    p.add_argument("--steps", type=int, default=TOY_STEPS, help="sampling steps")
+    p.add_argument("--perturbed", action="store_true", help="also the perturbed-render scenario (OUT/perturbed_demo/, "
+                                                            "~6 min more): fusion of renders with known errors")
     p.add_argument("--object", default=DEMO_OBJECT, choices=sorted(PROCEDURAL_OBJECTS),
-                   help=f"built-in object (default: {DEMO_OBJECT})")
-    p.add_argument("--quick", action="store_true", help="tiny fusion (about 2 minutes): checks the chain, "
-                                                        "not the method")
+                   help=f"built-in object of the perturbed scenario (default: {DEMO_OBJECT})")
+    p.add_argument("--quick", action="store_true", help="tiny fusion budgets: checks the chain, not the method")
     args = p.parse_args(argv)
     log = Progress()
     try:
         out = Path(args.out)
-        log(f"render {args.object} with Blender ({RENDER_RESOLUTION}², 16 views, depth) + GT mesh ...")
-        t = time.perf_counter()
-        gt = render_ground_truth(args.object, out / "gt")
-        demo = run_demo(gt, out, QUICK_FUSION if args.quick else DEMO_FUSION, progress=log,
-                        seconds={"render + GT mesh": time.perf_counter() - t})
+        chain = run_chain(out, args.model, args.toy_object, QUICK_TOY_FUSION if args.quick else TOY_FUSION,
+                          steps=min(args.steps, 6) if args.quick else args.steps, log=log)
+        if args.perturbed:
+            sub = out / "perturbed_demo"
+            log(f"perturbed scenario: render {args.object} with Blender ({RENDER_RESOLUTION}², 16 views, depth) ...")
+            t = time.perf_counter()
+            gt = render_ground_truth(args.object, sub / "gt")
+            demo = run_demo(gt, sub, QUICK_FUSION if args.quick else DEMO_FUSION, progress=log,
+                            seconds={"render + GT mesh": time.perf_counter() - t})
+            log(f"perturbed scenario: {demo.report}")
     except Nova3DError as err:
         print(f"nova3d demo: error: {err}", file=sys.stderr)
         return 2
-    log(f"done in {log.elapsed():.0f}s: open {demo.report}")
+    log(f"done in {log.elapsed():.0f}s: open {chain.report}")
     return 0
 
 

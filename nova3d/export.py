@@ -88,8 +88,10 @@ def build_pipeline(system):  # MultiViewDiffusion -> Nova3DPipeline (imports kep
 
 
 def export_checkpoint(source: str | Path, out: str | Path, ema: Optional[bool] = None, which: str = "last",
-                      overwrite: bool = False) -> ExportResult:
-    """Write the pipeline of a training checkpoint to `out`. ema: None = use EMA weights when saved."""
+                      overwrite: bool = False, unet_dtype: Optional[torch.dtype] = None) -> ExportResult:
+    """Write the pipeline of a training checkpoint to `out`. ema: None = use EMA weights when saved.
+    unet_dtype: store the UNet weights in this dtype (e.g. torch.float16 to halve the folder; they load
+    back into the pipeline's dtype); None keeps the training dtype."""
     from nova3d.systems.mv_diffusion import MultiViewDiffusion
 
     ckpt_path = resolve_checkpoint(source, which)
@@ -113,6 +115,11 @@ def export_checkpoint(source: str | Path, out: str | Path, ema: Optional[bool] =
     shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted export
     try:
         pipe.save_pretrained(partial)  # safetensors for every model component
+        if unet_dtype is not None:
+            from nova3d.models.unet import cast_weights_file
+            from nova3d.pipeline import GTAUNet
+
+            cast_weights_file(partial / "unet" / GTAUNet.WEIGHTS_NAME, unet_dtype)
         if out.exists():  # only with overwrite
             shutil.rmtree(out)
         partial.rename(out)

@@ -99,8 +99,18 @@ def generate_object(image: str | Path, model: str | Path, out: str | Path,
     pipe = load_pipeline(model_root, device)
     if pipe.num_domains < 2:
         raise Nova3DError(f"{model_root} generates RGB only; an object folder needs normal maps")
+    return generate_into(pipe, prepared.image, out, object_id, settings, model_root, {
+        "image": prepared.source, "preprocess": {"fill": prepared.fill, "bbox": list(prepared.bbox),
+                                                 "background_removed": prepared.background_removed}})
+
+
+def generate_into(pipe, image, out: str | Path, object_id: str, settings: GenerateSettings,
+                  model_root: str | Path, image_info: dict) -> Path:
+    """Generate the views of one framed image (a PIL image or [3, H, W] in [0, 1] on white) with a
+    loaded Nova3DPipeline and write them as out/<object_id>/; `image_info` goes into meta.json."""
+    model_root = Path(model_root)
     generator = torch.Generator().manual_seed(settings.seed)  # CPU: the same seed gives the same views anywhere
-    result = pipe(prepared.image, num_inference_steps=settings.steps, guidance=settings.guidance,
+    result = pipe(image, num_inference_steps=settings.steps, guidance=settings.guidance,
                   guidance_schedule=settings.schedule, generator=generator, output_type="pt",
                   progress=settings.progress)
     cameras = result.cameras
@@ -109,14 +119,13 @@ def generate_object(image: str | Path, model: str | Path, out: str | Path,
         object_id=object_id, source=f"generated:{model_root.resolve()}", num_views=len(cameras),
         resolution=pipe.config.resolution, normalisation={},
         renderer={"name": "nova3d.pipeline", "class": PIPELINE_CLASS, "gta": dict(pipe.config.gta)},
-        settings={**{k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"}, "guidance": list(settings.guidance), "device": str(device),
-                  "image": prepared.source, "preprocess": {"fill": prepared.fill, "bbox": list(prepared.bbox),
-                                                           "background_removed": prepared.background_removed},
+        settings={**{k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
+                  "guidance": list(settings.guidance), "device": str(pipe.device), **image_info,
                   "fov_deg": pipe.config.fov_deg, "radius": pipe.config.radius,
                   "elevation_deg": [pipe.config.elevation_deg], "normal_frame": cameras.normal_frame,
                   "background": "white", "mask": "normal-map coverage >= 0.5 (nova3d.pipeline.normal_coverage)"})
-    write_object_folder(out, object_id, result.rgb[0], result.normals[0], result.masks[0], cameras, meta)
-    return final
+    write_object_folder(Path(out), object_id, result.rgb[0], result.normals[0], result.masks[0], cameras, meta)
+    return Path(out) / object_id
 
 
 def write_object_folder(out: Path, object_id: str, rgb: torch.Tensor, normals: torch.Tensor, masks: torch.Tensor,

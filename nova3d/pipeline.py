@@ -38,7 +38,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKLTemporalDecoder, DiffusionPipeline, EulerDiscreteScheduler,
+from diffusers import (AutoencoderKL, AutoencoderKLTemporalDecoder, DiffusionPipeline, EulerDiscreteScheduler,
                        UNetSpatioTemporalConditionModel)
 # diffusers finds a custom component's load method by looking its base classes up *in the
 # component's module* (model_index.json names ["nova3d.pipeline", "GTAUNet"]): keep ModelMixin here.
@@ -52,6 +52,7 @@ from nova3d.models.conditioning import Conditioner
 from nova3d.models.denoiser import ImageCondition, encode_image_condition, unet_forward
 from nova3d.models import edm
 from nova3d.models.gta import GTAConfig, install_gta, split_domains
+from nova3d.models.temporal_conv import use_fast_temporal_convs
 from nova3d.models.unet import load_gta_weights, read_gta_config, save_gta_weights
 
 ImageInput = Union[PIL.Image.Image, Sequence[PIL.Image.Image], Tensor]
@@ -167,7 +168,7 @@ class Nova3DPipeline(DiffusionPipeline):
     def __init__(
         self,
         unet: UNetSpatioTemporalConditionModel,
-        vae: AutoencoderKLTemporalDecoder,
+        vae: Union[AutoencoderKLTemporalDecoder, AutoencoderKL],  # AutoencoderKL: the toy recipe's (models/autoencoder.py)
         image_encoder: CLIPVisionModelWithProjection,
         scheduler: EulerDiscreteScheduler,
         feature_extractor: Optional[CLIPImageProcessor] = None,
@@ -184,6 +185,7 @@ class Nova3DPipeline(DiffusionPipeline):
     ):
         super().__init__()
         unet = GTAUNet.from_unet(unet)
+        use_fast_temporal_convs(unet), use_fast_temporal_convs(vae)  # same weights and outputs, faster on CPU
         if gta is not None and GTAConfig.from_dict(gta) != unet.gta_config:
             raise ValueError(f"pipeline config says GTA {gta}, the UNet has {unet.gta_config}")
         self.register_modules(unet=unet, vae=vae, image_encoder=image_encoder, scheduler=scheduler,

@@ -31,6 +31,7 @@ from nova3d.systems.mv_diffusion import MultiViewDiffusion
 
 MONITOR = "val/loss"
 DEMO_SHARDS = "outputs/demo/shards"  # where `make demo` writes the shards tiny.yaml trains on
+TOY_SHARDS = "data/toy/shards"  # where `make toy-data` writes the toy recipe's shards
 # Lightning warnings that describe what we do on purpose: a frozen (eval-mode) conditioner, and
 # checkpoints already in the run dir when a run resumes.
 EXPECTED_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Checkpoint directory .* exists and is not empty")
@@ -125,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_training(load_experiment(args.experiment, args.overrides), argv)
     except Nova3DError as err:
-        hint = " (run `make demo` first: it writes the demo shards)" if DEMO_SHARDS in str(err) else ""
+        hint = (" (run `make demo` first: it writes the demo shards)" if DEMO_SHARDS in str(err) else
+                " (run `make toy-data` first: it renders the toy recipe's shards)" if TOY_SHARDS in str(err) else "")
         print(f"nova3d.train: error: {err}{hint}", file=sys.stderr)
         return 2
     return 0

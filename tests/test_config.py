@@ -7,16 +7,18 @@ import pytest
 
 from nova3d.config import ConfigError, ExperimentConfig, list_experiments, load_experiment
 from nova3d.fusion.config import FusionExperimentConfig
+from nova3d.models.autoencoder import AutoencoderExperimentConfig
 
 
 def test_every_experiment_file_loads_and_validates():
     names = list_experiments()
-    assert {"base", "tiny", "gta_full", "ablations/no_gta"} <= set(names)
+    assert {"base", "tiny", "gta_full", "ablations/no_gta", "toy", "ablations/toy_no_gta", "autoencoder/toy"} <= set(names)
     assert {"fusion/default", "fusion/no_conflict", "fusion/no_pose_refine", "fusion/no_mask",
             "fusion/no_sparse"} <= set(names)
     for name in names:
         cfg = load_experiment(name)
-        schema = FusionExperimentConfig if name.startswith("fusion/") else ExperimentConfig
+        schema = (FusionExperimentConfig if name.startswith("fusion/") else
+                  AutoencoderExperimentConfig if name.startswith("autoencoder/") else ExperimentConfig)
         assert isinstance(cfg, schema), name
         assert cfg.name == name
 

@@ -92,3 +92,26 @@ def test_demo_pipeline_writes_a_report_with_every_run(tmp_path):
     m = demo.runs["no_pose_refine"].metrics
     assert m["rotation_error_deg_before"] > 0 and m["rotation_error_deg_after"] == pytest.approx(
         m["rotation_error_deg_before"])
+
+
+@pytest.mark.slow
+def test_demo_chain_from_one_image_writes_a_report_and_reruns(tmp_path):
+    """make demo's main section: toy object render -> shipped toy pipeline -> fuse x3 -> eval -> report,
+    twice into the same folder (the second run redoes everything after the kept render)."""
+    from nova3d.demo import QUICK_TOY_FUSION
+    from nova3d.demo_chain import RUNS as CHAIN_RUNS, run_chain
+
+    out = tmp_path / "demo"
+    for _ in range(2):
+        chain = run_chain(out, fusion=QUICK_TOY_FUSION + ("logging.turntable_frames=2",), steps=4)
+    report = (out / "report.md").read_text()
+    for link in re.findall(r"\]\(([^)]+)\)", report):
+        assert (out / link).is_file(), link
+    assert (out / "generated" / chain.object_id / "rgb" / "015.png").is_file()
+    assert set(chain.runs) == set(CHAIN_RUNS) and (out / "generated_vs_true.png").is_file()
+    for name in CHAIN_RUNS:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} (`"))
+        assert re.search(r"\| \d+\.\d{4} \|", row), row  # a Chamfer distance was measured
+    g, b = chain.view_scores, chain.baseline_scores
+    assert 0 < g["psnr"] < 100 and 0 <= g["normal_error_deg"] <= 180 and 0 <= g["mask_iou"] <= 1
+    assert b["psnr"] > 0 and "input view repeated" in report

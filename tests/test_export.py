@@ -85,6 +85,17 @@ def test_export_is_bit_exact_and_loads(run, tmp_path, ema):
     assert pipe.config.num_frames == VIEWS and pipe.config.resolution == RES and pipe.num_domains == 2
 
 
+def test_half_precision_unet_export_halves_the_file_and_loads_as_float32(run, tmp_path):
+    full, half = export_checkpoint(run, tmp_path / "full").out, tmp_path / "half"
+    assert main(["export", str(run), "--out", str(half), "--unet-dtype", "float16"]) == 0
+    name = Path("unet") / "gta_unet.safetensors"
+    assert (half / name).stat().st_size < 0.6 * (full / name).stat().st_size
+    a, b = Nova3DPipeline.from_pretrained(str(full)).unet, Nova3DPipeline.from_pretrained(str(half)).unet
+    assert a.gta_config == b.gta_config and next(b.parameters()).dtype == torch.float32
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x.half().float(), y), k  # the stored values are the float16 roundings
+
+
 def test_cli_export_then_generate(run, tmp_path, capsys):
     out = tmp_path / "pipe"
     assert main(["export", str(run / "checkpoints" / "last.ckpt"), "--out", str(out), "--no-ema"]) == 0

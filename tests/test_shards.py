@@ -210,3 +210,26 @@ def test_tar_cut_between_samples_is_detected(shards, tmp_path):
         for sample in iter_tar_samples(str(tmp_path / "cut.tar")):
             samples.append(sample["__key__"])
     assert samples == []  # obj0 may have lost members at the cut: dropped, not trusted
+
+
+def test_write_shards_update_keeps_current_shards_and_rewrites_stale_ones(tmp_path):
+    """`make demo` twice: --update skips shards that hold exactly the render folder's objects,
+    rewrites them when the objects changed, and refuses nothing; without it a rerun is refused."""
+    renders, out = tmp_path / "renders", tmp_path / "shards"
+    for i in range(3):
+        make_object_folder(renders, f"obj{i}", views=2, res=16, seed=i)
+    first = write_shards(renders, out, progress=False)
+    assert not first.up_to_date and first.num_samples == 3
+    with pytest.raises(Nova3DError, match="already holds shards"):
+        write_shards(renders, out, progress=False)
+    before = (out / "train-000000.tar").stat().st_mtime_ns
+    again = write_shards(renders, out, update=True, progress=False)
+    assert again.up_to_date and again.num_samples == 3
+    assert (out / "train-000000.tar").stat().st_mtime_ns == before  # nothing rewritten
+    make_object_folder(renders, "obj3", views=2, res=16, seed=3)
+    grown = write_shards(renders, out, update=True, progress=False)
+    assert not grown.up_to_date and grown.num_samples == 4
+    assert Manifest.load(out).splits["train"]["num_samples"] == 4
+    # a held-out split's folder records its own split name (what DataModules look up)
+    test = write_shards(renders, tmp_path / "test", prefix="test", split="test", progress=False)
+    assert [s.split for s in test.shards] == ["test"] and (tmp_path / "test" / "test-000000.tar").is_file()

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLTemporalDecoder
+from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
     _resize_with_antialiasing,  # private, but diffusers is pinned and bit-parity is the point (tested)
 )
@@ -34,6 +34,9 @@ from nova3d.errors import Nova3DError
 from nova3d.models.edm import noise_augment
 
 IMAGE_ENCODER_DIR, VAE_DIR, FEATURE_EXTRACTOR_DIR = "image_encoder", "vae", "feature_extractor"
+# The VAE classes a conditioner folder may hold (vae/config.json's _class_name): SVD's temporal-decoder
+# VAE, and the per-image AutoencoderKL the toy recipe trains (nova3d.models.autoencoder says why).
+VAE_CLASSES = {cls.__name__: cls for cls in (AutoencoderKLTemporalDecoder, AutoencoderKL)}
 # transformers' OPENAI_CLIP_MEAN / _STD: used when a folder has no feature_extractor/.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -50,7 +53,7 @@ class Conditioner(nn.Module):
     def __init__(
         self,
         image_encoder: CLIPVisionModelWithProjection,
-        vae: AutoencoderKLTemporalDecoder,
+        vae: AutoencoderKLTemporalDecoder | AutoencoderKL,
         feature_extractor: Optional[CLIPImageProcessor] = None,
     ):
         super().__init__()
@@ -161,8 +164,15 @@ class Conditioner(nn.Module):
         for i in range(0, f, decode_chunk_size):
             part = z[:, i : i + decode_chunk_size]
             n = part.shape[1]
-            chunks.append(self.vae.decode(part.flatten(0, 1), num_frames=n).sample.unflatten(0, (b, n)))
+            chunks.append(decode_frames(self.vae, part.flatten(0, 1), n).unflatten(0, (b, n)))
         return torch.cat(chunks, dim=1).float()
+
+
+def decode_frames(vae: AutoencoderKLTemporalDecoder | AutoencoderKL, z: Tensor, num_frames: int) -> Tensor:
+    """Latents of videos of `num_frames` frames, flattened frames-first [B*F, C, h, w] -> images [B*F, 3, H, W]."""
+    if isinstance(vae, AutoencoderKLTemporalDecoder):
+        return vae.decode(z, num_frames=num_frames).sample
+    return vae.decode(z).sample  # a per-image decoder
 
 
 # ---------------------------------------------------------------- loading
@@ -198,11 +208,12 @@ def load_conditioning(
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(
             pretrained, subfolder=IMAGE_ENCODER_DIR, dtype=torch_dtype, variant=variant, **common
         )
+        vae_config = AutoencoderKLTemporalDecoder.load_config(pretrained, subfolder=VAE_DIR, **common)
+        vae_class = VAE_CLASSES.get(vae_config.get("_class_name"), AutoencoderKLTemporalDecoder)
         if vae_dtype is None:
-            vae_config = AutoencoderKLTemporalDecoder.load_config(pretrained, subfolder=VAE_DIR, **common)
             upcast = torch_dtype == torch.float16 and vae_config.get("force_upcast", True)
             vae_dtype = torch.float32 if upcast else torch_dtype
-        vae = AutoencoderKLTemporalDecoder.from_pretrained(
+        vae = vae_class.from_pretrained(
             pretrained, subfolder=VAE_DIR, torch_dtype=vae_dtype, variant=variant, **common
         )
     except (OSError, ValueError) as err:

@@ -2,8 +2,10 @@
 
 `model.pretrained` set: both come from that SVD(-xt) diffusers folder (or hub id when online).
 `model.pretrained` null: random weights of `model.architecture`, chosen from ARCHITECTURES
-(a plain dict, DESIGN.md §3.3): "tiny" for CPU tests, "svd_xt" for the real shapes without
-weights (benchmarks, memory checks). Nothing here downloads unless `pretrained` is a hub id.
+(a plain dict, DESIGN.md §3.3): "tiny" for CPU tests, "toy" for the toy recipe, "svd_xt" for the
+real shapes without weights (benchmarks, memory checks). `model.conditioner` set: the frozen CLIP
++ VAE come from that folder instead (the toy recipe's trained VAE, nova3d.train_vae). Nothing here
+downloads unless a path is a hub id.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from nova3d.config import ModelConfig
 from nova3d.errors import Nova3DError
 from nova3d.models.conditioning import Conditioner, build_tiny_conditioner, load_conditioning
 from nova3d.models.gta import GTA_KEYS, GTAConfig
-from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config
+from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config, toy_unet_config
+from nova3d.models.temporal_conv import use_fast_temporal_convs
 from nova3d.models.unet import build_gta_unet, load_gta_unet
 
 DOMAINS = ("rgb", "normal")  # every known domain, in the UNet's domain-major order (0 = RGB)
@@ -56,6 +59,9 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "tiny": Architecture(tiny_unet_config, build_tiny_conditioner),
     "svd_xt": Architecture(svd_xt_unet_config, build_svd_xt_conditioner),
+    # The toy recipe's UNet; its conditioner is the trained one named by model.conditioner (the random
+    # tiny one only stands in when none is named, e.g. for shape tests).
+    "toy": Architecture(toy_unet_config, build_tiny_conditioner),
 }
 
 
@@ -92,12 +98,13 @@ def check_compatible(unet: torch.nn.Module, conditioner: Conditioner) -> None:
 def build_components(cfg: ModelConfig, seed: int = 0) -> DiffusionComponents:
     """GTA-UNet + Conditioner as `cfg` asks. Random weights are drawn from `seed` (global RNG untouched)."""
     gta = gta_config(cfg)
+    conditioner = load_conditioning(cfg.conditioner) if cfg.conditioner else None
     if cfg.pretrained:
         try:
             unet = load_gta_unet(cfg.pretrained, gta)
         except (OSError, ValueError) as err:
             raise Nova3DError(f"cannot load the SVD UNet from {cfg.pretrained}: {err}") from err
-        conditioner = load_conditioning(cfg.pretrained)
+        conditioner = conditioner or load_conditioning(cfg.pretrained)
     else:
         arch = ARCHITECTURES.get(cfg.architecture)
         if arch is None:
@@ -105,8 +112,9 @@ def build_components(cfg: ModelConfig, seed: int = 0) -> DiffusionComponents:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet = build_gta_unet(arch.unet_config(), gta)
-            conditioner = arch.build_conditioner(seed)
+            conditioner = conditioner or arch.build_conditioner(seed)
     check_compatible(unet, conditioner)
+    use_fast_temporal_convs(unet), use_fast_temporal_convs(conditioner)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return DiffusionComponents(unet, conditioner)

@@ -65,3 +65,26 @@ def tiny_unet_config() -> dict[str, Any]:
         "transformer_layers_per_block": 1,
         "up_block_types": ["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
     }
+
+
+def toy_unet_config() -> dict[str, Any]:
+    """The toy recipe's UNet (experiments/toy.yaml): SVD's block types at 64 channels for 16x16x4
+    latents of 64² views, spatial/temporal attention (and so GTA) at 8² and 4², about 1 s a training
+    step on one CPU core for 16 views x 2 domains (docs/benchmarks.md, "Toy recipe").
+
+    Why these widths: diffusers' GroupNorm has 32 groups, so 32-channel layers are instance
+    normalisation, which drops each image's colour offsets; and attention at 16² cost 0.45 s of a
+    1.47 s step. cross_attention_dim is the toy CLIP's projection (nova3d.models.autoencoder)."""
+    addition_time_embed_dim = 16
+    return {
+        **tiny_unet_config(),
+        "addition_time_embed_dim": addition_time_embed_dim,
+        "block_out_channels": [64, 64, 64],
+        "down_block_types": ["DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
+                             "CrossAttnDownBlockSpatioTemporal"],
+        "up_block_types": ["CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"],
+        "num_attention_heads": [2, 2, 2],
+        "num_frames": 16,
+        "projection_class_embeddings_input_dim": 3 * addition_time_embed_dim,
+        "sample_size": 16,
+    }

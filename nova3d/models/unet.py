@@ -62,6 +62,18 @@ def save_gta_weights(unet: torch.nn.Module, path: str | os.PathLike) -> None:
     save_file(state, os.fspath(path), metadata=metadata)
 
 
+def cast_weights_file(path: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Rewrite a safetensors file with its floating-point tensors in `dtype`, metadata kept (e.g.
+    float16 for shipping: loading casts back to the model's dtype, load_gta_weights)."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        metadata = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(state, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
 def read_gta_config(path: str | os.PathLike) -> GTAConfig | None:
     """The GTAConfig stored by `save_gta_weights`, or None if the file has none."""
     with safe_open(os.fspath(path), framework="pt") as f:
