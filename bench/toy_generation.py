@@ -67,7 +67,7 @@ def _mean(values: list[float | None]) -> float | None:
 def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, list[gv.ViewScores]],
               out: Path, steps: int, seed: int, fusion: tuple[str, ...]) -> dict:
     from nova3d.demo import score_mesh
-    from nova3d.eval.protocol import get_protocol
+    from nova3d.eval.protocol import get_protocol, protocol_overrides, versions
     from nova3d.eval.results import EvalSummary
     from nova3d.fuse import fuse_object, load_fusion_config
     from nova3d.generate import GenerateSettings, generate_into, load_pipeline
@@ -98,8 +98,6 @@ def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, 
               f"mask IoU {s.mean('mask_iou'):.3f}, CD {mesh['chamfer'] or float('nan'):.4f}, "
               f"IoU {mesh['volume_iou'] or float('nan'):.3f} (generate {gen_seconds[-1]:.0f} s, "
               f"fuse {fuse_seconds[-1]:.0f} s)", flush=True)
-    from nova3d.eval.protocol import protocol_overrides, versions
-
     EvalSummary(protocol=dataclasses.asdict(protocol), protocol_overrides=protocol_overrides(protocol), objects=results,
                 lpips_reason="LPIPS off in this bench", versions=versions(), environment={"device": "cpu"},
                 pred_dir=str(run_dir / "fused"), gt_dir=str(objects[0].parent),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from nova3d.atomic import atomic_path, write_json_atomic
 from nova3d.eval import generated_views as gv
@@ -66,8 +66,6 @@ def _tile(images: torch.Tensor, label: str, tile: int) -> Image.Image:
     from nova3d.viz import to_uint8
 
     row = Image.new("RGB", (tile * (len(images) + 1), tile), "white")
-    from PIL import ImageDraw
-
     ImageDraw.Draw(row).text((3, tile // 2 - 6), label, fill="black")
     for i, im in enumerate(to_uint8(images)):
         row.paste(Image.fromarray(im).resize((tile, tile), Image.NEAREST), ((i + 1) * tile, 0))
