@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 .DEFAULT_GOAL := help
 TOY_DATA ?= data/toy
 .PHONY: help setup lock test test-fast demo train fuse tensorboard clean setup-slurm slurm-train \
-	toy-data toy-vae toy-bench
+	toy-data toy-vae toy-bench bad-inputs
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,7 +43,7 @@ test-fast: setup ## only the fast tier
 
 demo: setup ## one image -> toy model views -> fuse x3 -> eval -> outputs/demo/report.md (<10 min CPU; DEMO_ARGS=--perturbed adds the perturbed-render scenario)
 	$(BIN)/python -m data_prep.render_views --procedural --out $(DEMO_OUT)/renders --resolution 256
-	$(BIN)/python -m data_prep.write_shards $(DEMO_OUT)/renders --out $(DEMO_OUT)/shards --update
+	$(BIN)/python -m data_prep.write_shards $(DEMO_OUT)/renders --out $(DEMO_OUT)/shards
 	$(BIN)/nova3d inspect-shards $(DEMO_OUT)/shards
 	$(BIN)/nova3d contact-sheet $(DEMO_OUT)/shards --out $(DEMO_OUT)/contact_sheet.png
 	$(BIN)/python -m nova3d.demo --out $(DEMO_OUT) $(DEMO_ARGS)
@@ -56,6 +56,9 @@ toy-vae: setup ## train the toy recipe's VAE on $(TOY_DATA) -> runs/autoencoder/
 
 toy-bench: setup ## score pretrained/toy on the toy test split: generated views + fused meshes vs truth (bench/toy_generation.py)
 	$(BIN)/python bench/toy_generation.py --data $(TOY_DATA) $(ARGS)
+
+bad-inputs: setup ## run the catalogue of bad inputs against every command: exit, one-line error, nothing lost (bench/bad_inputs.py, ~15 min; ARGS=--quick)
+	$(BIN)/python bench/bad_inputs.py $(ARGS)
 
 train: setup ## train an experiment: make train EXP=gta_full ARGS="trainer.max_steps=10" (EXP defaults to tiny)
 	$(BIN)/python -m nova3d.train $(EXP) $(ARGS)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.render_io import MESH_SUFFIXES
+from nova3d import mesh_io
 
 _GEOMETRY = {"MESH", "CURVE", "SURFACE", "META", "FONT"}
 
@@ -46,6 +47,7 @@ def import_mesh(path: Path) -> None:
         raise MeshError(f"unsupported format {suffix or '(no suffix)'}; expected one of {', '.join(MESH_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise MeshError("empty file")
+    check_finite_vertices(path)
     try:
         result = importers[suffix](filepath=str(path))
     except Exception as err:  # Blender raises RuntimeError with the importer's message
@@ -53,6 +55,19 @@ def import_mesh(path: Path) -> None:
         raise MeshError(f"import failed: {message[-1] if message else type(err).__name__}") from err
     if "FINISHED" not in result:
         raise MeshError(f"import failed: importer returned {sorted(result)}")
+
+
+def check_finite_vertices(path: Path) -> None:
+    """MeshError if the file has NaN/inf vertex coordinates: Blender's importers read them as 0,
+    so the scene (and normalise_scene's finite check) would never show them."""
+    if path.suffix.lower() not in mesh_io.MESH_SUFFIXES:  # .fbx: trimesh cannot read it
+        return
+    try:
+        bad, total = mesh_io.nonfinite_vertices(path)
+    except Exception:  # trimesh cannot read it: Blender's importer is the judge (and reports why)
+        return
+    if bad:
+        raise MeshError(f"{path.name}: {bad} of {total} vertices have non-finite coordinates (NaN/inf)")
 
 
 def _world_vertices(obj, depsgraph) -> tuple[np.ndarray, int]:

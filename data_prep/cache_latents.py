@@ -3,8 +3,9 @@
     python -m data_prep.cache_latents SHARDS --out DIR --experiment EXP [key=value ...] [--device auto]
 
 SHARDS is a folder written by data_prep.write_shards (with its manifest.json). Every sample is
-copied with all its keys unchanged, plus the VAE posterior (mean, logvar; float16) of every stored
-view of its RGB and normal videos (nova3d.data.schema, "Cached VAE latents"), made from the pixels
+copied with its keys unchanged (crc32.json aside), plus the VAE posterior (mean, logvar; float16) of every stored
+view of its RGB and normal videos (nova3d.data.schema, "Cached VAE latents"), and crc32.json
+gains their crc32s (the read path checks them). The latents are made from the pixels
 the DataModule gives the model: resized to data.resolution, composited on white, normals in
 data.normal_frame of the stored orbit (view 0 = input view). The VAE is the experiment's, as
 training builds it: model.pretrained's folder, or the seeded random model.architecture (tiny).
@@ -35,7 +36,7 @@ from nova3d.data.inspect import file_sha256
 from nova3d.data.latent_cache import check_config, encode_params, sample_info, vae_fingerprint
 from nova3d.data.manifest import Manifest, ShardInfo, find_manifest
 from nova3d.data.sample_error import SampleError
-from nova3d.data.shards import decode_sample, iter_tar_samples
+from nova3d.data.shards import decode_sample, iter_tar_samples, recorded_crcs, with_member_crcs
 from nova3d.data.views import composite, pack_views
 from nova3d.devices import resolve_device
 from nova3d.errors import Nova3DError
@@ -120,9 +121,13 @@ def cache_latents(shards: str | os.PathLike, out: str | os.PathLike, cfg: Experi
                         continue
                     finally:
                         bar.update()
-                    sample = {k: v for k, v in raw.items() if not k.startswith("__")}
-                    sample.update({schema.LATENT_KEYS[d]: encode_params(t) for d, t in latents.items()})
-                    tar.write({"__key__": raw["__key__"], **sample, schema.KEY_LATENT_INFO: info_bytes})
+                    added = {schema.LATENT_KEYS[d]: encode_params(t) for d, t in latents.items()}
+                    added[schema.KEY_LATENT_INFO] = info_bytes
+                    sample = {k: v for k, v in raw.items() if not k.startswith("__") and k not in added}
+                    # Kept members keep their recorded crc32 (still checked against the writer's);
+                    # the added ones, and every member of a shard written without KEY_CRC, get one now.
+                    kept_crcs = {k: c for k, c in recorded_crcs(raw, raw["__key__"]).items() if k in sample}
+                    tar.write({"__key__": raw["__key__"], **with_member_crcs({**sample, **added}, kept_crcs)})
                     kept.append(raw["__key__"])
                 tar.close()
                 f.flush()

@@ -18,7 +18,8 @@ Before it is written, every vertex is projected with cameras.json into the masks
 if more than MAX_OUTSIDE of them miss (the two disagree), the object is a failure, not ground truth,
 and its renders move to GT_DIR/rejected/ (delete them there to try again).
 Resumable: objects with both the folder and mesh.glb are skipped; failures are listed in
-GT_DIR/failures.jsonl and the exit status counts them (2 for unusable input).
+GT_DIR/failures.jsonl. Exit status (as data_prep.render_views): 0 all done, 1 some objects failed
+(the others done), 2 unusable input or arguments.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class GsoSummary:
 
     @property
     def exit_code(self) -> int:
-        return min(len(self.failed), 255)
+        return 1 if self.failed else 0  # 2 is the CLI's, for unusable input
 
     def describe(self) -> str:
         return (f"rendered {len(self.rendered)}, skipped {len(self.skipped)} (already done), "

@@ -92,7 +92,9 @@ class RenderSummary:
 
     @property
     def exit_code(self) -> int:
-        return min(len(self.failed), 255)
+        """0: all rendered (or skipped); 1: some objects failed (the others rendered). 2 is the
+        CLI's for unusable input or arguments, when nothing was rendered."""
+        return 1 if self.failed else 0
 
     def describe(self) -> str:
         timing = ""
@@ -261,9 +263,9 @@ def write_view_files(folder: Path, cameras: Cameras, normals_world: np.ndarray,
 
 # --- command line -------------------------------------------------------------------------
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     d = RenderSettings()
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
     p.add_argument("inputs", nargs="*", help=f"mesh files ({' '.join(MESH_SUFFIXES)}) or folders of them")
     p.add_argument("--procedural", nargs="*", metavar="NAME", help="built-in objects (none named: all of them)")
     p.add_argument("--out", required=True, help="output folder: one object folder per input")

@@ -8,7 +8,10 @@ at the origin, cameras from nova3d.cameras.orbit_cameras, a uniform white world 
 stay faithful; Standard view transform, no tone mapping), then all views are rendered as the
 frames of one animation (markers switch cameras; persistent data keeps the BVH between frames).
 Output folders follow nova3d.data.schema and appear atomically; finished objects are skipped,
-failed ones are listed in failures.jsonl and the exit status counts them.
+failed ones are printed (`failed <id>: <reason>`, on stderr) and listed in failures.jsonl.
+
+Exit status: 0 all objects rendered (or already done); 1 some objects failed, the others were
+rendered; 2 unusable input or arguments (one `error:` line on stderr), nothing rendered.
 
 Scene preparation (import, unit box, materials) is in blender_scene.py, which also owns the
 lazy bpy import (`_blender`).
@@ -36,6 +39,8 @@ from nova3d.errors import Nova3DError
 RENDERER = "blender-cycles"
 _GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")
 _SCRATCH = "_passes"  # EXR passes inside the partial folder, deleted before the rename
+EXIT_STATUS = ("exit status: 0 all rendered (or already done); 1 some objects failed (listed in "
+               f"{FAILURES_FILE}), the others rendered; 2 unusable input or arguments, nothing rendered")
 
 
 # --- Blender render ------------------------------------------------------------------------
@@ -187,6 +192,7 @@ def _record_failure(summary: RenderSummary, out: Path, source: ObjectSource, rea
     record = {"object": source.object_id, "source": source.source, "reason": reason}
     append_failure(out, record)
     summary.failed.append(record)
+    tqdm.write(f"failed {source.object_id}: {' '.join(reason.split())}", file=sys.stderr)  # above the bar
 
 
 def render_objects(sources: list[ObjectSource], out_dir: str | os.PathLike,
@@ -194,15 +200,15 @@ def render_objects(sources: list[ObjectSource], out_dir: str | os.PathLike,
     """Render every source into `out_dir/<object id>/` (schema layout); resumable and idempotent."""
     settings.check()
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise Nova3DError(f"cannot create output folder {out}: {err.strerror or err}") from err
     if settings.limit is not None:
         sources = sources[: settings.limit]
     summary = RenderSummary()
     todo = [s for s in sources if not (out / s.object_id).exists()]
     backend = _pick_backend(settings.device) if todo else None  # no Blender start-up when all are done
+    try:  # after the device check: unusable input leaves no output folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise Nova3DError(f"cannot create output folder {out}: {err.strerror or err}") from err
     for source in tqdm(sources, desc="render", unit="obj", disable=not progress):
         final = out / source.object_id
         partial = final.with_name(final.name + schema.TMP_SUFFIX)
@@ -235,8 +241,9 @@ def render_objects(sources: list[ObjectSource], out_dir: str | os.PathLike,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI; exit status = number of failed objects (at most 255), 2 for unusable input."""
-    args = build_parser("python -m data_prep.render_views", __doc__.split("\n\n")[0]).parse_args(argv)
+    """The CLI; exit status 0 all done, 1 some objects failed, 2 unusable input (module docstring)."""
+    args = build_parser("python -m data_prep.render_views", __doc__.split("\n\n")[0],
+                        EXIT_STATUS).parse_args(argv)
     try:
         sources, settings = parse_run(args)
         summary = render_objects(sources, args.out, settings)

@@ -5,12 +5,17 @@
 
 Every sub-folder of RENDER_DIR that looks like an object folder (nova3d.data.schema) is read
 and checked; broken ones (missing files, unreadable images, wrong sizes, NaN cameras) are
-rejected with a reason in manifest.json instead of packed. Shards are `<prefix>-000000.tar`,
-... (and `val-000000.tar`, ... with --val-fraction), each written under a temporary name and
-renamed when complete, so a shard with its final name is whole. manifest.json is written last:
-a folder without one is incomplete (readers that need it say so). With --update a rerun keeps
-shards whose manifest lists exactly the objects of RENDER_DIR and rewrites them otherwise (the old
-manifest goes first, so an interrupted rewrite is visibly incomplete), instead of refusing.
+rejected with a reason in manifest.json instead of packed; when every object is rejected the
+command exits 2. Shards are `<prefix>-000000.tar`, ... (and `val-000000.tar`, ... with
+--val-fraction), each written under a temporary name and renamed when complete, so a shard with
+its final name is whole. manifest.json is written last: a folder of shards without one is
+incomplete, and readers (the DataModule, inspect-shards) refuse it.
+
+A rerun resumes or redoes: it keeps the shards when the manifest lists exactly RENDER_DIR's
+objects (in the same splits, with the same encoding) and every shard is there at its recorded
+size; otherwise it deletes the manifest first (so an interrupted rewrite is visibly incomplete),
+then the old shards and any half-written ones, and packs again. (--update, which asked for this
+before it was the default, is still accepted.)
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ class ShardSummary:
     manifest: Path
     shards: list[ShardInfo]
     rejected: list[Rejected] = field(default_factory=list)
-    up_to_date: bool = False  # --update found the shards current and wrote nothing
+    up_to_date: bool = False  # found the shards current and wrote nothing
 
     @property
     def num_samples(self) -> int:
@@ -146,29 +151,41 @@ def _val_ids(object_ids: list[str], fraction: float) -> set[str]:
     return set(ranked[:count])
 
 
-def _current_manifest(out_dir: Path, folders: list[Path]) -> Manifest | None:
-    """The manifest of `out_dir` if it lists exactly `folders`' objects and its shards all exist."""
-    path = out_dir / schema.MANIFEST_FILE
-    if not path.is_file():
-        return None
+def _current_manifest(out_dir: Path, folders: list[Path], val_ids: set[str], split: str,
+                      encoding: schema.ShardEncoding) -> Manifest | None:
+    """The manifest of `out_dir` if its shards are what a rerun would write: exactly `folders`'
+    objects, `val_ids` in "val" and the rest in `split`, with `encoding`, every shard there at its
+    recorded size and no other shard."""
     try:
-        manifest = Manifest.load(path)
-    except Nova3DError:
+        manifest = Manifest.load(out_dir / schema.MANIFEST_FILE)
+    except Nova3DError:  # none, or unreadable
         return None
     listed = [o for s in manifest.shards for o in s.objects] + [r["object_id"] for r in manifest.rejected]
-    if sorted(listed) != sorted(f.name for f in folders):
+    if sorted(listed) != sorted(f.name for f in folders) or manifest.encoding != asdict(encoding):
         return None
-    return manifest if all((out_dir / s.name).is_file() for s in manifest.shards) else None
+    if any((VAL_PREFIX if o in val_ids else split) != s.split for s in manifest.shards for o in s.objects):
+        return None
+    on_disk = {p.name: p.stat().st_size for p in out_dir.glob(f"*{schema.SHARD_EXT}")}
+    return manifest if on_disk == {s.name: s.num_bytes for s in manifest.shards} else None
+
+
+def _clear_stale(out_dir: Path) -> None:
+    """Delete the manifest first (the folder is then visibly incomplete), then the shards and any
+    half-written `*.tar.partial` an interrupted run left."""
+    (out_dir / schema.MANIFEST_FILE).unlink(missing_ok=True)
+    for path in [*out_dir.glob(f"*{schema.SHARD_EXT}"), *out_dir.glob(f"*{schema.SHARD_EXT}{schema.TMP_SUFFIX}")]:
+        path.unlink()
 
 
 def write_shards(render_dir: str | os.PathLike, out_dir: str | os.PathLike, *, max_count: int = 1000,
                  max_size: int = 2 * 1024**3, prefix: str = "train", val_fraction: float = 0.0,
                  encoding: schema.ShardEncoding = schema.ShardEncoding(), split: str = "train",
-                 update: bool = False, progress: bool = True) -> ShardSummary:
+                 update: bool = True, progress: bool = True) -> ShardSummary:
     """Pack every complete object folder of `render_dir` into shards in `out_dir`.
 
     split: the manifest's name of the main series (what DataModules look up; "val"/"test" for a
-    folder of one held-out split). update: keep current shards, rewrite stale ones (module doc)."""
+    folder of one held-out split). update: keep current shards, rewrite stale ones (module doc);
+    False refuses a folder that already holds shards."""
     render_dir, out_dir = Path(render_dir), Path(out_dir)
     if not render_dir.is_dir():
         raise Nova3DError(f"{render_dir}: not a folder")
@@ -186,16 +203,13 @@ def write_shards(render_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         raise Nova3DError(f"{render_dir}: no object folders found")
     stale = sorted(out_dir.glob(f"*{schema.SHARD_EXT}"))
     if stale and not update:
-        raise Nova3DError(f"{out_dir}: already holds shards ({stale[0].name}, ...); use an empty folder or --update")
-    if stale:
-        current = _current_manifest(out_dir, folders)
-        if current is not None:
-            return ShardSummary(out_dir, out_dir / schema.MANIFEST_FILE, current.shards,
-                                [Rejected(**r) for r in current.rejected], up_to_date=True)
-        (out_dir / schema.MANIFEST_FILE).unlink(missing_ok=True)  # first: the folder is now visibly incomplete
-        for shard in stale:
-            shard.unlink()
+        raise Nova3DError(f"{out_dir}: already holds shards ({stale[0].name}, ...); use an empty folder")
     val_ids = _val_ids([f.name for f in folders], val_fraction)
+    current = _current_manifest(out_dir, folders, val_ids, split, encoding)
+    if current is not None:
+        return ShardSummary(out_dir, out_dir / schema.MANIFEST_FILE, current.shards,
+                            [Rejected(**r) for r in current.rejected], up_to_date=True)
+    _clear_stale(out_dir)
     series = {split: _ShardSeries(out_dir, prefix, split, max_count, max_size)}
     if split != VAL_PREFIX:
         series[VAL_PREFIX] = _ShardSeries(out_dir, VAL_PREFIX, VAL_PREFIX, max_count, max_size)
@@ -231,31 +245,37 @@ def write_shards(render_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.write_shards", description=__doc__.split("\n")[0])
     parser.add_argument("render_dir", help="folder of object folders (data_prep.render_views output)")
-    parser.add_argument("--out", required=True, help="folder for the shards and manifest.json (empty or new)")
+    parser.add_argument("--out", required=True,
+                        help="folder for the shards and manifest.json (new, empty, or an earlier run's)")
     parser.add_argument("--max-count", type=int, default=1000, help="objects per shard at most")
     parser.add_argument("--max-size", type=int, default=2 * 1024**3, help="bytes per shard at most")
     parser.add_argument("--prefix", default="train", help="shard name prefix of the training split")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="fraction of objects for val-*.tar")
     parser.add_argument("--split", default="train", help="manifest split name of the shards (train, val, test)")
     parser.add_argument("--zstd-level", type=int, default=schema.ShardEncoding.level)
-    parser.add_argument("--update", action="store_true",
-                        help="rerun: keep the shards if they hold exactly RENDER_DIR's objects, else rewrite them")
+    parser.add_argument("--update", action="store_true",  # the default now: accepted so old commands work
+                        help="(the default) a rerun keeps current shards and rewrites stale ones")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         summary = write_shards(args.render_dir, args.out, max_count=args.max_count, max_size=args.max_size,
                                prefix=args.prefix, val_fraction=args.val_fraction,
                                encoding=schema.ShardEncoding(level=args.zstd_level), split=args.split,
-                               update=args.update, progress=not args.no_progress)
+                               progress=not args.no_progress)
     except Nova3DError as err:
         print(f"write_shards: error: {err}", file=sys.stderr)
+        return 2
+    for r in summary.rejected:
+        print(f"rejected {r.object_id} [{r.reason}]: {r.detail}", file=sys.stderr)
+    if not summary.shards:  # every object folder was rejected: nothing to train on is a failure
+        first = summary.rejected[0]
+        print(f"write_shards: error: {args.render_dir}: all {len(summary.rejected)} objects rejected, none packed "
+              f"(first: {first.object_id} [{first.reason}]: {first.detail})", file=sys.stderr)
         return 2
     if summary.up_to_date:
         print(f"{summary.out_dir}: up to date ({summary.num_samples} objects in {len(summary.shards)} shards); "
               "nothing written")
         return 0
-    for r in summary.rejected:
-        print(f"rejected {r.object_id} [{r.reason}]: {r.detail}", file=sys.stderr)
     per_split = {name: sum(s.num_samples for s in summary.shards if s.split == name) for name in (args.split, "val")}
     print(f"wrote {summary.num_samples} objects ({per_split[args.split]} {args.split}, {per_split['val']} val) in "
           f"{len(summary.shards)} shards to {summary.out_dir} ({len(summary.rejected)} rejected); "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from nova3d.errors import Nova3DError
@@ -76,19 +77,23 @@ def _perturb(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from nova3d.atomic import MARKER
     from nova3d.devices import resolve_device
     from nova3d.eval.protocol import evaluate_set, get_protocol
 
     overrides = {k: v for k, v in (("icp", args.icp or None), ("normalization", args.normalization),
                                    ("chamfer_depth", args.chamfer_depth or None)) if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
+    had_result = (Path(args.out) / MARKER).is_file()
     summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=resolve_device(args.device))
     print(summary.markdown(), end="")
-    print(f"wrote {args.out}/per_object.csv, summary.json, summary.md")
     if not summary.evaluated:
         failed = ", ".join(f"{o.object_id} ({o.status})" for o in summary.not_evaluated)
-        print(f"nova3d eval: error: no object could be evaluated: {failed}", file=sys.stderr)
+        kept = (f"the earlier result in {args.out} is kept as it was" if had_result
+                else f"the reasons are in {args.out}/per_object.csv")
+        print(f"nova3d eval: error: no object could be evaluated: {failed}; {kept}", file=sys.stderr)
         return 1
+    print(f"wrote {args.out}/per_object.csv, summary.json, summary.md")
     return 0
 
 

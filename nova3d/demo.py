@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nova3d.atomic import write_json_atomic
+from nova3d.atomic import moved_paths, staged_entries, write_json_atomic
 from nova3d.errors import Nova3DError
 from nova3d.eval.conflict import conflict_auroc
 from nova3d.fusion.perturb import PerturbConfig
@@ -237,20 +236,31 @@ def run_demo(gt_folder: str | Path, out: str | Path, fusion_overrides: Sequence[
              progress: Progress | None = None, seconds: dict[str, float] | None = None) -> DemoResult:
     """Stages 2-6 (module docstring) on a ready GT object folder (with mesh.glb); returns what was made."""
     from nova3d.demo_report import write_report
-    from nova3d.eval.appearance import load_lpips
-    from nova3d.eval.protocol import get_protocol
-    from nova3d.fusion.perturb import load_corruption_masks, perturb_object
-    from nova3d.fusion.preview import conflict_sheet
 
     log = progress or Progress(False)
     gt_folder, out = Path(gt_folder), Path(out)
     unknown = [r for r in runs if r not in RUNS]
     if unknown or "default" not in runs:
         raise Nova3DError(f"demo runs {list(runs)}: must include 'default', known: {', '.join(RUNS)}")
+    with staged_entries(out, "demo") as stage:  # redone every time; a failed run keeps the previous results
+        demo = _perturb_fuse_score(gt_folder, stage, fusion_overrides, perturb, runs, protocol, log, seconds)
+        demo = moved_paths(demo, stage, out)
+        demo.report = out / REPORT
+        write_report(demo, stage / REPORT, report_dir=out)
+        write_json_atomic(stage / RECORD, _record(demo))
+    log(f"wrote {demo.report}")
+    return demo
+
+
+def _perturb_fuse_score(gt_folder: Path, out: Path, fusion_overrides: Sequence[str], perturb: PerturbConfig,
+                        runs: Sequence[str], protocol, log: Progress, seconds: dict | None) -> DemoResult:
+    from nova3d.eval.appearance import load_lpips
+    from nova3d.eval.protocol import get_protocol
+    from nova3d.fusion.perturb import load_corruption_masks, perturb_object
+    from nova3d.fusion.preview import conflict_sheet
+
     object_id = gt_folder.name
     perturbed = out / "perturbed" / object_id
-    for stale in (out / "perturbed", out / "fusion"):  # the demo's own folders: redone every time
-        shutil.rmtree(stale, ignore_errors=True)
     seconds, t = dict(seconds or {}), time.perf_counter()  # + earlier stages' times (the render)
 
     log(f"perturb {object_id}: colour corruption of views {perturb.color_views}, poses up to "
@@ -281,9 +291,6 @@ def run_demo(gt_folder: str | Path, out: str | Path, fusion_overrides: Sequence[
     demo = DemoResult(out, object_id, gt_folder, perturbed, results, list(fusion_overrides),
                       dataclasses.asdict(perturb), lpips[1], sheet, conflict_png, protocol=dataclasses.asdict(proto),
                       gt_meta=json.loads((gt_folder / "meta.json").read_text()), seconds=seconds)
-    demo.report = write_report(demo, out / REPORT)
-    write_json_atomic(out / RECORD, _record(demo))
-    log(f"wrote {demo.report}")
     return demo
 
 

@@ -6,15 +6,16 @@ input view (view 0) goes through the shipped toy pipeline (pretrained/toy, Nova3
 sampler, per-frame CFG, GTA domains): 16 RGB + 16 normal views, OUT/generated/<id>/, scored against
 the true renders (nova3d.eval.generated_views) beside the input-view-repeated baseline. The
 generated views are then fused three times (fusion/default and the no_conflict / no_pose_refine
-baselines at the toy budget TOY_FUSION), OUT/fusion/<run>/<id>/, and each mesh is scored with the
-GSO protocol (64² views) against the GT mesh. OUT/report.md shows it all; OUT/demo.json has the
-numbers. The render is kept between runs; everything after it is redone.
+baselines at the toy budget TOY_FUSION), OUT/fusion/<run>/<id>/, and the true renders once
+(fusion/default, OUT/fusion/true_renders/: the ceiling of the generated views). Each mesh is scored
+with the GSO protocol (64² views) against the GT mesh. OUT/report.md shows it all; OUT/demo.json has the
+numbers. The render is kept between runs; everything after it is redone, staged: a failed run
+leaves the previous results as they were.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from nova3d.atomic import atomic_path, write_json_atomic
+from nova3d.atomic import atomic_path, moved_paths, staged_entries, write_json_atomic
 from nova3d.eval import generated_views as gv
 from nova3d.eval.results import fmt
 
@@ -31,12 +32,14 @@ TOY_MODEL = REPO / "pretrained" / "toy"
 TOY_OBJECT = "toy-s0-00000"  # index 0: test split (data_prep.toy_family.split_of)
 TOY_STEPS = 25
 RUNS = {"default": "fusion/default", "no_conflict": "fusion/no_conflict", "no_pose_refine": "fusion/no_pose_refine"}
+REFERENCE = "true_renders"  # fusion/default on the true renders: what fusion makes of consistent views
 GENERATED_SHEET, REPORT, RECORD = "generated_vs_true.png", "report.md", "demo.json"
 
 
 @dataclass
 class ChainRun:
     name: str
+    experiment: str
     out_dir: Path
     metrics: dict  # what nova3d fuse wrote
     scores: dict  # the GSO protocol's scalars + status
@@ -87,14 +90,12 @@ def views_sheet(true: gv.Views, generated: gv.Views, path: Path, tile: int = 64)
 
 def run_chain(out: str | Path, model: str | Path = TOY_MODEL, object_name: str = TOY_OBJECT,
               fusion: tuple[str, ...] | None = None, steps: int = TOY_STEPS, seed: int = 0,
-              runs: tuple[str, ...] = tuple(RUNS), log=lambda message: None) -> ChainResult:
-    """The chain of the module docstring; returns what it made (Nova3DError on unusable input)."""
+              runs: tuple[str, ...] = tuple(RUNS), reference: bool = True, log=lambda message: None) -> ChainResult:
+    """The chain of the module docstring; returns what it made (Nova3DError on unusable input).
+    reference: also fuse the true renders (fusion/default), the ceiling the generated views are read against."""
     from data_prep.toy_data import GT_MAX_OUTSIDE
-    from nova3d.data.shards import read_object_folder
-    from nova3d.demo import TOY_FUSION, render_ground_truth, score_mesh
-    from nova3d.eval.protocol import get_protocol
-    from nova3d.fuse import fuse_object, load_fusion_config
-    from nova3d.generate import GenerateSettings, check_model_dir, generate_into, load_pipeline
+    from nova3d.demo import TOY_FUSION, render_ground_truth
+    from nova3d.generate import check_model_dir
 
     out, model = Path(out), Path(model)
     fusion = TOY_FUSION if fusion is None else fusion
@@ -104,9 +105,25 @@ def run_chain(out: str | Path, model: str | Path = TOY_MODEL, object_name: str =
     gt = render_ground_truth(object_name, out / "gt", resolution=index["resolution"], progress=False,
                              max_outside=GT_MAX_OUTSIDE)
     seconds["render + GT mesh"] = time.perf_counter() - t
-    for stale in (out / "generated", out / "fusion"):  # this section's own folders: redone every time
-        shutil.rmtree(stale, ignore_errors=True)
+    with staged_entries(out, "demo") as stage:  # a failed run keeps the previous generated/, fusion/, report
+        chain = _generate_and_fuse(stage, gt, model, index, steps, seed, fusion, runs, reference, log, seconds)
+        chain = moved_paths(chain, stage, out)
+        chain.report = out / REPORT
+        write_report(chain, stage / REPORT, report_dir=out)
+        write_json_atomic(stage / RECORD, record(chain))
+    return chain
 
+
+def _generate_and_fuse(out: Path, gt: Path, model: Path, index: dict, steps: int, seed: int, fusion, runs,
+                       reference: bool, log, seconds: dict) -> ChainResult:
+    from nova3d.data.shards import read_object_folder
+    from nova3d.demo import score_mesh
+    from nova3d.eval.protocol import get_protocol
+    from nova3d.fuse import fuse_object, load_fusion_config
+    from nova3d.generate import GenerateSettings, generate_into, load_pipeline
+
+    jobs = {name: RUNS[name] for name in runs} | ({REFERENCE: RUNS["default"]} if reference else {})
+    configs = {name: load_fusion_config(exp, list(fusion)) for name, exp in jobs.items()}  # bad keys fail now
     t = time.perf_counter()
     log(f"generate 16 RGB + 16 normal views from its input view with {model} ({steps} steps) ...")
     pipe = load_pipeline(model, torch.device("cpu"))
@@ -125,13 +142,14 @@ def run_chain(out: str | Path, model: str | Path = TOY_MODEL, object_name: str =
 
     protocol = get_protocol("gso", image_size=int(index["resolution"]), lpips=False)
     results = {}
-    for name in runs:
+    for name, experiment in jobs.items():
         t = time.perf_counter()
-        log(f"fuse the generated views: {name} ({RUNS[name]}) ...")
+        views = gt if name == REFERENCE else generated
+        log(f"fuse the {'true renders' if name == REFERENCE else 'generated views'}: {name} ({experiment}) ...")
         run_dir = out / "fusion" / name / gt.name
-        fused = fuse_object(generated, run_dir, load_fusion_config(RUNS[name], list(fusion)))
+        fused = fuse_object(views, run_dir, configs[name])
         result = score_mesh(fused.meshes["glb"], gt, run_dir / "eval", protocol, (None, "LPIPS off in the demo"))
-        results[name] = ChainRun(name, run_dir, fused.metrics,
+        results[name] = ChainRun(name, experiment, run_dir, fused.metrics,
                                  {**result.scalars(), "status": result.status, "reason": result.reason})
         seconds[f"fuse+eval {name}"] = time.perf_counter() - t
         s = results[name].scores
@@ -142,8 +160,6 @@ def run_chain(out: str | Path, model: str | Path = TOY_MODEL, object_name: str =
                         {"psnr": scores.psnr, "normal_error_deg": scores.normal_error_deg,
                          "baseline_psnr": baseline.psnr}, results, list(fusion), dataclasses.asdict(protocol),
                         sheet, seconds)
-    chain.report = write_report(chain, out / REPORT)
-    write_json_atomic(out / RECORD, record(chain))
     return chain
 
 
@@ -152,16 +168,18 @@ def record(chain: ChainResult) -> dict:
     return {"object_id": chain.object_id, "model": str(chain.model), "steps": chain.steps,
             "generated_views": chain.view_scores, "baseline_input_repeated": chain.baseline_scores,
             "per_view": chain.per_view, "fusion_overrides": chain.fusion_overrides, "seconds": chain.seconds,
-            "runs": {n: {"experiment": RUNS[n], "out_dir": str(r.out_dir), "metrics": r.metrics, "scores": r.scores}
-                     for n, r in chain.runs.items()}}
+            "runs": {n: {"experiment": r.experiment, "out_dir": str(r.out_dir), "metrics": r.metrics,
+                         "scores": r.scores} for n, r in chain.runs.items()}}
 
 
 def report_markdown(chain: ChainResult, report_dir: Path) -> str:
     link = lambda p: os.path.relpath(p, report_dir)  # noqa: E731
     g, b = chain.view_scores, chain.baseline_scores
-    rows = [f"| {name} (`{RUNS[name]}`) | {fmt(r.scores.get('chamfer'), 4)} | {fmt(r.scores.get('volume_iou'), 3)} | "
+    label = lambda r: (f"{r.name} (`{r.experiment}`)" if r.name != REFERENCE  # noqa: E731
+                       else f"reference: `{r.experiment}` on the **true** renders")
+    rows = [f"| {label(r)} | {fmt(r.scores.get('chamfer'), 4)} | {fmt(r.scores.get('volume_iou'), 3)} | "
             f"{fmt(r.scores.get('psnr'), 2)} | {fmt(r.scores.get('ssim'), 3)} | {r.metrics.get('seconds_fit', 0):.0f} |"
-            for name, r in chain.runs.items()]
+            for r in chain.runs.values()]
     lines = [
         f"# nova3d demo — one image of `{chain.object_id}` to a textured mesh",
         "",
@@ -193,7 +211,9 @@ def report_markdown(chain: ChainResult, report_dir: Path) -> str:
         *rows,
         "",
         f"GSO protocol (`nova3d/eval/protocol.py`, views at {chain.protocol['image_size']}², LPIPS off); fusion at "
-        "the toy budget (`nova3d/demo.py: TOY_FUSION`).",
+        "the toy budget (`nova3d/demo.py: TOY_FUSION`)."
+        + (" The reference row fuses the object's true renders with the same settings: the gap between it and "
+           "the rows above is what the toy generator's views cost, not fusion." if REFERENCE in chain.runs else ""),
         "",
         "| " + " | ".join(chain.runs) + " |",
         "|" + "---|" * len(chain.runs),
@@ -218,8 +238,9 @@ def report_markdown(chain: ChainResult, report_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def write_report(chain: ChainResult, path: Path) -> Path:
+def write_report(chain: ChainResult, path: Path, report_dir: Path | None = None) -> Path:
+    """report.md at `path`, its links relative to `report_dir` (where it will live; default: beside `path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(report_markdown(chain, path.parent))
+        tmp.write_text(report_markdown(chain, report_dir or path.parent))
     return path

@@ -197,10 +197,11 @@ def report_markdown(demo, report_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def write_report(demo, path: str | Path) -> Path:
-    """Write the report atomically; returns its path."""
+def write_report(demo, path: str | Path, report_dir: Path | None = None) -> Path:
+    """Write the report atomically, its links relative to `report_dir` (where it will live; default:
+    beside `path`); returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(report_markdown(demo, path.parent))
+        tmp.write_text(report_markdown(demo, report_dir or path.parent))
     return path

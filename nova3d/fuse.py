@@ -2,7 +2,8 @@
 
     nova3d fuse --views DIR --out DIR [EXPERIMENT] [key=value ...]     (also `make fuse VIEWS=DIR`)
 
-The out folder gets (each file written atomically, nothing before the fit succeeded):
+The out folder gets (staged in OUT.partial and swapped in whole on success, so a failed or killed
+fit leaves an earlier result in OUT exactly as it was):
 mesh.glb/.obj/.ply, turntable.gif, conflict_maps.png (+ conflict_maps.npz, the maps as numbers;
 only for experiments with conflict maps), cameras_refined.json, metrics.json (flat numbers +
 "experiment"), config.yaml, and TensorBoard logs under tensorboard/. A folder made by
@@ -20,7 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from nova3d.atomic import atomic_path, write_json_atomic
+from nova3d.atomic import atomic_path, staged_dir, write_json_atomic
 from nova3d.cameras import Cameras
 from nova3d.config import is_fusion_experiment, load_experiment, to_yaml
 from nova3d.errors import Nova3DError
@@ -71,8 +72,9 @@ def check_choices(cfg: FusionExperimentConfig, experiment: str) -> None:
 
 
 def _trainer(cfg: FusionExperimentConfig, device: torch.device, out_dir: Path) -> L.Trainer:
-    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
+
+    from nova3d.progress_bar import StepProgressBar
 
     log = cfg.logging
     logger = (TensorBoardLogger(save_dir=out_dir, name="tensorboard", version="", default_hp_metric=False)
@@ -82,7 +84,7 @@ def _trainer(cfg: FusionExperimentConfig, device: torch.device, out_dir: Path) -
         devices=[device.index or 0] if device.type == "cuda" else 1,
         max_steps=cfg.optim.steps, precision="32-true", logger=logger, log_every_n_steps=log.log_every_n_steps,
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-        enable_progress_bar=log.progress, callbacks=[TQDMProgressBar(refresh_rate=10)] if log.progress else [],
+        enable_progress_bar=log.progress, callbacks=[StepProgressBar("fuse", refresh_rate=10)] if log.progress else [],
         default_root_dir=out_dir)
 
 
@@ -167,17 +169,17 @@ def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimen
     full_views = load_views(views_dir)  # every input check happens here, before any optimisation
     views = full_views.downsample(cfg.optim.fit_resolution) if cfg.optim.fit_resolution else full_views
     true_c2w = Cameras.load(views_dir / TRUE_CAMERAS).c2w if (views_dir / TRUE_CAMERAS).is_file() else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "config.yaml") as tmp:
-        tmp.write_text(to_yaml(cfg))
-
-    t0 = time.perf_counter()
-    system = fit(views, cfg, out_dir, true_c2w)
-    seconds_fit = time.perf_counter() - t0
-    meshes, conflict, stats = export_outputs(system, out_dir, full_views)
-    metrics = {"experiment": cfg.name, "object_id": views.object_id, "steps": cfg.optim.steps,
-               "rays_per_step": cfg.optim.rays, "seconds_fit": seconds_fit, **stats,
-               "seconds_total": time.perf_counter() - t0, "device": str(system.device)}
-    metrics.update(system.pose_errors() or {})
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    with staged_dir(out_dir, "nova3d fuse") as stage:
+        with atomic_path(stage / "config.yaml") as tmp:
+            tmp.write_text(to_yaml(cfg))
+        t0 = time.perf_counter()
+        system = fit(views, cfg, stage, true_c2w)
+        seconds_fit = time.perf_counter() - t0
+        meshes, conflict, stats = export_outputs(system, stage, full_views)
+        metrics = {"experiment": cfg.name, "object_id": views.object_id, "steps": cfg.optim.steps,
+                   "rays_per_step": cfg.optim.rays, "seconds_fit": seconds_fit, **stats,
+                   "seconds_total": time.perf_counter() - t0, "device": str(system.device)}
+        metrics.update(system.pose_errors() or {})
+        write_json_atomic(stage / "metrics.json", metrics)
+    meshes = {fmt: out_dir / path.relative_to(stage) for fmt, path in meshes.items()}
     return FuseResult(out_dir, meshes, metrics, system, views, conflict)

@@ -59,7 +59,29 @@ def check_model_dir(model: str | Path) -> tuple[Path, dict]:
     if class_name != PIPELINE_CLASS:
         raise Nova3DError(f"{root} holds a {class_name} folder, not a {PIPELINE_CLASS} (save one with "
                           "Nova3DPipeline.save_pretrained)")
+    for weights in sorted(root.glob("*/*.safetensors")):
+        check_safetensors(weights)
     return root, config
+
+
+def check_safetensors(path: Path) -> None:
+    """Nova3DError naming `path` if it is cut off or not safetensors: its header says where every
+    tensor ends, so this reads only the header, not the weights."""
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len)) if 0 < header_len < 100_000_000 else None
+    except (OSError, ValueError) as err:
+        raise Nova3DError(f"{path}: not a safetensors file ({err})") from err
+    if not isinstance(header, dict):
+        raise Nova3DError(f"{path}: not a safetensors file (no header)")
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise Nova3DError(f"{path}: not a safetensors file (bad header: {err!r})") from err
+    size, expected = path.stat().st_size, 8 + header_len + end
+    if size < expected:
+        raise Nova3DError(f"{path}: truncated ({size} of {expected} bytes); copy or export the model again")
 
 
 def load_pipeline(model: str | Path, device: torch.device):

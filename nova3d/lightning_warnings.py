@@ -7,18 +7,24 @@ hidden only outside a real SLURM job: SLURM_JOB_ID unset, or SLURM_JOB_NAME "bas
 (what Lightning itself treats as interactive, lightning.fabric's _is_slurm_interactive_mode).
 Inside an sbatch job it stays: there a python command without srun is the mistake it warns of.
 
-Lightning's "Tip: ... litlogger" line (an INFO log record) has no supported switch in lightning
-2.6 (Lightning-AI/pytorch-lightning#21294), so it is left alone.
+Lightning's INFO records (the "Tip: ... litlogger" line, which has no switch in lightning 2.6,
+Lightning-AI/pytorch-lightning#21294; "GPU available / TPU available" lines; "`Trainer.fit`
+stopped") are raised to WARNING inside the context: our own progress bar and summary line say
+what a user needs. Lightning 2.6 on torch 2.11 also warns about its own use of the deprecated
+`LeafSpec` on every step; that is hidden too. Every other warning stays visible.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from typing import Iterator, Mapping, Sequence
 
 SRUN_NOT_USED = r"The `srun` command is available on your system but is not used"
 _INTERACTIVE_JOB_NAMES = ("bash", "interactive")
+THIRD_PARTY_NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",)  # lightning's own call, not ours
+_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 def in_slurm_job(env: Mapping[str, str] = os.environ) -> bool:
@@ -30,9 +36,17 @@ def in_slurm_job(env: Mapping[str, str] = os.environ) -> bool:
 def quiet_lightning(patterns: Sequence[str] = (), env: Mapping[str, str] = os.environ) -> Iterator[None]:
     """warnings.catch_warnings() that ignores messages matching `patterns` (regexes matched at
     the start, as warnings.filterwarnings does) and, outside a SLURM job, Lightning's srun hint."""
+    loggers = [logging.getLogger(name) for name in _INFO_LOGGERS]
+    levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
-        for pattern in patterns:
+        for pattern in (*patterns, *THIRD_PARTY_NOISE):
             warnings.filterwarnings("ignore", message=pattern)
         if not in_slurm_job(env):
             warnings.filterwarnings("ignore", message=SRUN_NOT_USED)
-        yield
+        for lg in loggers:
+            lg.setLevel(max(lg.level, logging.WARNING))
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)

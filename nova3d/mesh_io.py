@@ -188,3 +188,22 @@ def load_mesh(path: str | os.PathLike, *, convert_axes: bool = True,
     if convert_axes and suffix in Y_UP_SUFFIXES:
         mesh.apply_transform(Y_UP_TO_Z_UP)
     return mesh
+
+
+def nonfinite_vertices(path: str | os.PathLike) -> tuple[int, int]:
+    """(vertices with a NaN/inf coordinate, all vertices) of a mesh file, node transforms applied.
+
+    Blender's importers read NaN/inf as 0, so a renderer must look at the file itself. Stored
+    coordinates (no axis turn), materials skipped; whatever trimesh raises for a file it cannot read.
+    """
+    path = Path(path)
+    extra = {"skip_materials": True} if _suffix(path) in Y_UP_SUFFIXES else {}
+    bad = total = 0
+    with np.errstate(invalid="ignore", over="ignore"):  # trimesh's face normals of NaN/inf vertices
+        scene = trimesh.load_scene(str(path), process=False, **extra)
+        for node in scene.graph.nodes_geometry:
+            matrix, name = scene.graph[node]
+            verts = trimesh.transform_points(np.asarray(scene.geometry[name].vertices, dtype=np.float64), matrix)
+            bad += int((~np.isfinite(verts)).any(axis=1).sum())
+            total += len(verts)
+    return bad, total

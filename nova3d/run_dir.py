@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -17,6 +18,7 @@ from typing import Mapping, Optional, Sequence
 from lightning.pytorch.utilities import rank_zero_only
 
 from nova3d.config import ExperimentConfig, to_yaml
+from nova3d.errors import Nova3DError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAST_CHECKPOINT = "last.ckpt"
@@ -77,6 +79,21 @@ def write_snapshot(run: RunDir, cfg: ExperimentConfig, argv: Sequence[str]) -> N
 
 
 def resume_checkpoint(run: RunDir) -> Optional[Path]:
-    """The newest of checkpoints/last.ckpt and Lightning's SLURM-requeue hpc_ckpt_*.ckpt, if any."""
+    """The newest of checkpoints/last.ckpt and Lightning's SLURM-requeue hpc_ckpt_*.ckpt, if any
+    (Nova3DError if it is truncated: resuming would crash deep in torch.load)."""
     found = [p for p in [run.last_checkpoint, *run.path.glob(HPC_CHECKPOINT_GLOB)] if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    newest = max(found, key=lambda p: p.stat().st_mtime) if found else None
+    if newest is not None:
+        check_checkpoint_file(newest)
+    return newest
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """A torch checkpoint is a zip whose directory sits at its end: a cut-off file has none. This
+    reads only that directory, not the (possibly many-GB) tensors."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise Nova3DError(f"{path}: not a complete checkpoint ({err}); move it away to start the run over, "
+                          "or put back an intact copy") from err

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerStatus
@@ -25,6 +26,7 @@ from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.preemption import PreemptionCheckpoint
+from nova3d.progress_bar import StepProgressBar
 from nova3d.run_dir import RunDir, resume_checkpoint, run_dir_for, write_snapshot
 from nova3d.slurm import apply_global_batch, launched_by_srun
 from nova3d.systems.mv_diffusion import MultiViewDiffusion
@@ -61,7 +63,7 @@ def build_callbacks(cfg: ExperimentConfig, run: RunDir) -> list[Callback]:
         # best.ckpt: checked after every validation, on fresh validation metrics.
         ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
                         save_on_train_epoch_end=False, auto_insert_metric_name=False),
-        TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)),
+        StepProgressBar("train", refresh_rate=max(1, t.log_every_n_steps)),
         # It logs through the logger and refuses to start without one (logging.tensorboard=false).
         *([LearningRateMonitor(logging_interval="step")] if cfg.logging.tensorboard else []),
     ]
@@ -106,6 +108,9 @@ def run_training(cfg: ExperimentConfig, argv: Sequence[str] = (),
     ckpt = resume_checkpoint(run)
     if ckpt is not None:
         _note(f"resuming from {ckpt}")
+    elif cfg.model.init_from:
+        system.init_unet_from(cfg.model.init_from)
+        _note(f"new run: UNet initialised from {cfg.model.init_from}")
     with quiet_lightning(EXPECTED_WARNINGS):
         # Our checkpoints hold tensors and plain containers only, so the safe loader suffices.
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
@@ -124,13 +129,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.max_steps=10")
     args = parser.parse_args(argv)
     try:
-        run_training(load_experiment(args.experiment, args.overrides), argv)
+        start = time.perf_counter()
+        trainer = run_training(load_experiment(args.experiment, args.overrides), argv)
     except Nova3DError as err:
         hint = (" (run `make demo` first: it writes the demo shards)" if DEMO_SHARDS in str(err) else
                 " (run `make toy-data` first: it renders the toy recipe's shards)" if TOY_SHARDS in str(err) else "")
         print(f"nova3d.train: error: {err}{hint}", file=sys.stderr)
         return 2
+    _note(summary_line(trainer, time.perf_counter() - start))
     return 0
+
+
+def summary_line(trainer: L.Trainer, seconds: float) -> str:
+    """The run in one line: where it stopped, its last losses, where its checkpoints are."""
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("loss") and v.numel() == 1}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(losses.items()))
+    state = "finished" if trainer.state.status == TrainerStatus.FINISHED else str(trainer.state.status.value)
+    return (f"{state} at step {trainer.global_step} of {trainer.max_steps} in {seconds:.0f} s"
+            + (f"; {shown}" if shown else "") + f"; checkpoints in {trainer.default_root_dir}/checkpoints")
 
 
 if __name__ == "__main__":

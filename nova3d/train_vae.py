@@ -20,7 +20,7 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from nova3d.config import load_experiment
@@ -30,6 +30,7 @@ from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.models.autoencoder import AutoencoderExperimentConfig, build_clip
 from nova3d.models.conditioning import FEATURE_EXTRACTOR_DIR, IMAGE_ENCODER_DIR, VAE_DIR
+from nova3d.progress_bar import StepProgressBar
 from nova3d.run_dir import resume_checkpoint, run_dir_for, write_snapshot
 from nova3d.systems.autoencoder import AutoencoderSystem, domain_videos
 from nova3d.train import EXPECTED_WARNINGS, resolve_precision
@@ -112,7 +113,7 @@ def run(cfg: AutoencoderExperimentConfig, argv: Sequence[str] = ()) -> Path:
                             enable_model_summary=False,
                             callbacks=[ModelCheckpoint(dirpath=run_dir.checkpoints, save_last=True, save_top_k=0,
                                                        every_n_train_steps=t.checkpoint_every_n_steps),
-                                       TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps))])
+                                       StepProgressBar("train vae", refresh_rate=max(1, t.log_every_n_steps))])
     system = AutoencoderSystem(cfg)
     with quiet_lightning(EXPECTED_WARNINGS):
         trainer.fit(system, datamodule=MultiViewDataModule(cfg.data), ckpt_path=resume_checkpoint(run_dir),

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from nova3d.config import load_experiment
 from nova3d.data import schema
 from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.data.inspect import inspect_shards
-from nova3d.data.latent_cache import check_vae
+from nova3d.data.latent_cache import check_vae, decode_latents
 from nova3d.data.manifest import Manifest
+from nova3d.data.sample_error import SampleError
+from nova3d.data.shards import decode_sample, iter_tar_samples
 from nova3d.errors import Nova3DError
 from nova3d.models.conditioning import Conditioner, build_tiny_conditioner
 from nova3d.run_dir import run_dir_for
@@ -107,9 +110,16 @@ def test_cache_folder_manifest_and_cli_errors(shards, cached, tmp_path, capsys):
     with tarfile.open(shards / name) as a, tarfile.open(cached["world"] / name) as b:
         old = {m.name: a.extractfile(m).read() for m in a if m.isfile()}
         new = {m.name: b.extractfile(m).read() for m in b if m.isfile()}
-    assert all(new[k] == v for k, v in old.items())  # every original key unchanged
+    crc_names = {k for k in old if k.endswith("." + schema.KEY_CRC)}
+    assert crc_names and all(new[k] == v for k, v in old.items() if k not in crc_names)  # the rest unchanged
     added = {k.split(".", 1)[1] for k in set(new) - set(old)}
     assert added == {schema.KEY_LATENT_INFO, *schema.LATENT_KEYS.values()}
+    for crc_name in crc_names:  # the writer's crc32s kept, the latents' added
+        obj = crc_name.split(".", 1)[0]
+        members = {k.split(".", 1)[1]: v for k, v in new.items() if k.startswith(obj + ".") and k != crc_name}
+        assert json.loads(new[crc_name]) == {**json.loads(old[crc_name]),
+                                             **{k: zlib.crc32(members[k]) for k in added}}
+        assert set(json.loads(new[crc_name])) == set(members)
     # Into a folder that holds shards, from one without a manifest, for an experiment whose data settings
     # cannot use a cache (tiny trains on random backgrounds): one error line each.
     white = ["data.train_background=white", "data.random_start_view=false"]
@@ -119,6 +129,41 @@ def test_cache_folder_manifest_and_cli_errors(shards, cached, tmp_path, capsys):
         assert cache_main([str(source), "--out", str(out), "--experiment", "tiny", *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("cache_latents: error:") and match in err, err
+
+
+def _flipped(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0x01
+    return bytes(out)
+
+
+def test_a_flipped_byte_in_a_cached_latent_member_is_undecodable(cached, tmp_path):
+    cfg = load_experiment("tiny", _overrides(cached["world"], tmp_path, "world", roll=True)).data
+    shard = Manifest.load(cached["world"]).shard_names()[0]
+    raw = next(iter_tar_samples(str(cached["world"] / shard)))
+    assert decode_latents(raw, [0, 1], cfg, required=True).shape[:2] == (2, 2)
+    for key in (schema.KEY_LATENT_INFO, *schema.LATENT_KEYS.values()):
+        data = raw[key]
+        for at in (len(data) // 3, len(data) // 2, len(data) - 1):  # npy data, JSON: would load without the check
+            with pytest.raises(SampleError, match=f": {key}: crc32 mismatch") as err:
+                decode_latents({**raw, key: _flipped(data, at)}, [0, 1], cfg, required=True)
+            assert err.value.reason == "undecodable"
+
+
+def test_latents_of_shards_without_crcs_get_crcs_of_every_member(tmp_path):
+    """A source written before crc32.json: the cached copy covers every member, and is read back checked."""
+    make_object_folder(tmp_path / "r", "obj0", views=4, res=32)
+    write_shards(tmp_path / "r", tmp_path / "s", encoding=schema.ShardEncoding(checksums=False), progress=False)
+    assert schema.KEY_CRC not in next(iter_tar_samples(str(tmp_path / "s" / "train-000000.tar")))
+    args = [str(tmp_path / "s"), "--out", str(tmp_path / "c"), "--experiment", "tiny", f"data.resolution={RES}",
+            "data.normal_frame=world", "data.train_background=white", "--device", "cpu"]
+    assert cache_main(args) == 0
+    raw = next(iter_tar_samples(str(tmp_path / "c" / "train-000000.tar")))
+    members = {k: v for k, v in raw.items() if not k.startswith("__") and k != schema.KEY_CRC}
+    assert json.loads(raw[schema.KEY_CRC]) == {k: zlib.crc32(v) for k, v in members.items()}
+    decode_sample(raw)
+    with pytest.raises(SampleError, match="rgb.npy.zst: crc32 mismatch"):
+        decode_sample({**raw, schema.KEY_RGB: _flipped(raw[schema.KEY_RGB], len(raw[schema.KEY_RGB]) // 2)})
 
 
 @pytest.mark.parametrize("override, match", [

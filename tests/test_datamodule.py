@@ -144,7 +144,8 @@ def test_fixed_batches_per_epoch(shards, workers):
         assert [len(b) for b in loader] == [2, 2, 2]
 
 
-def _corrupt_dir(shards: Path, dst: Path) -> Path:
+def _corrupt_dir(shards: Path, dst: Path) -> str:
+    """dst/ with four damaged shards; their brace pattern (the folder has no manifest: refused)."""
     dst.mkdir()
     good = (shards / "train-000000.tar").read_bytes()
     (dst / "train-000000.tar").write_bytes(good)  # obj0, obj1
@@ -153,7 +154,7 @@ def _corrupt_dir(shards: Path, dst: Path) -> Path:
                 lambda name, d: None if name == "obj2.mask.npy.zst" else d)
     rewrite_tar(shards / "train-000002.tar", dst / "train-000003.tar",  # obj4: garbage; obj5 fine
                 lambda name, d: b"\x89PNG garbage" if name == "obj4.normal.npy.zst" else d)
-    return dst
+    return str(dst / "train-{000000..000003}.tar")
 
 
 def test_broken_samples_are_skipped_counted_and_warned(shards, tmp_path):
@@ -180,7 +181,7 @@ def test_nothing_readable_raises_instead_of_spinning(shards, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train-000000.tar").write_bytes(b"\0" * 100)
-    dm = _dm(bad)
+    dm = _dm(bad / "train-000000.tar")
     dm._counter = SkipCounter(max_consecutive_failures=5)
     with warnings.catch_warnings(), pytest.raises(Nova3DError, match="all failed"):
         warnings.simplefilter("ignore")

@@ -95,20 +95,29 @@ def test_demo_pipeline_writes_a_report_with_every_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_chain_from_one_image_writes_a_report_and_reruns(tmp_path):
+def test_demo_chain_from_one_image_writes_a_report_and_reruns(tmp_path, monkeypatch):
     """make demo's main section: toy object render -> shipped toy pipeline -> fuse x3 -> eval -> report,
     twice into the same folder (the second run redoes everything after the kept render)."""
     from nova3d.demo import QUICK_TOY_FUSION
-    from nova3d.demo_chain import RUNS as CHAIN_RUNS, run_chain
+    from nova3d.demo_chain import REFERENCE, RUNS as CHAIN_RUNS, run_chain
 
     out = tmp_path / "demo"
     for _ in range(2):
         chain = run_chain(out, fusion=QUICK_TOY_FUSION + ("logging.turntable_frames=2",), steps=4)
     report = (out / "report.md").read_text()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nova3d.fuse.fuse_object", killed)
+    with pytest.raises(KeyboardInterrupt):  # killed after generating: the earlier results stay as they were
+        run_chain(out, fusion=QUICK_TOY_FUSION + ("logging.turntable_frames=2",), steps=4)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     for link in re.findall(r"\]\(([^)]+)\)", report):
         assert (out / link).is_file(), link
     assert (out / "generated" / chain.object_id / "rgb" / "015.png").is_file()
-    assert set(chain.runs) == set(CHAIN_RUNS) and (out / "generated_vs_true.png").is_file()
+    assert set(chain.runs) == {*CHAIN_RUNS, REFERENCE} and (out / "generated_vs_true.png").is_file()
+    assert "on the **true** renders" in report
     for name in CHAIN_RUNS:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} (`"))
         assert re.search(r"\| \d+\.\d{4} \|", row), row  # a Chamfer distance was measured

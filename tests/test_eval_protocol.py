@@ -178,11 +178,13 @@ def test_cli_exit_codes(gt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     assert cli.main(args + ["--normalization", "keep"]) == 0  # one of two evaluated is enough
     printed = capsys.readouterr().out
     assert "| mug |" in printed and "missing" in printed and "Normalisation `keep`" in printed
+    good = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
     (pred / "mug.glb").unlink()
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
-    assert err == "nova3d eval: error: no object could be evaluated: crate (missing), mug (missing)"
-    assert (tmp_path / "out" / "summary.md").is_file()
+    assert err.startswith("nova3d eval: error: no object could be evaluated: crate (missing), mug (missing); "
+                          "the earlier result in")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == good  # a failed eval loses nothing
     assert cli.main(args + ["--protocol", "nope"]) == 2
     assert capsys.readouterr().err.strip() == "nova3d eval: error: unknown protocol 'nope'; known: gso"
     assert cli.main(["eval", "--pred", str(pred), "--gt", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2

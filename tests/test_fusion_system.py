@@ -91,6 +91,21 @@ def test_nan_stops_the_run_and_writes_no_mesh(folder, tmp_path):
     assert not list((tmp_path / "out").glob("mesh.*")) and not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_a_failed_fuse_leaves_the_earlier_result_as_it_was(folder, tmp_path, capfd):
+    """issue 16: a diverging rerun into a good result's folder used to rewrite its config.yaml."""
+    out = tmp_path / "out"
+    assert cli_main(["fuse", "--views", str(folder), "--out", str(out), *TINY, "optim.steps=3",
+                     "logging.progress=true"]) == 0
+    err = capfd.readouterr().err
+    noise = [line for line in err.splitlines() if any(w in line for w in ("Warning", "warn(", "Tip:", "TPU", "GPU"))]
+    assert not noise, noise  # no third-party noise on a fuse run's console
+    good = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    diverge = ["optim.steps=5", "optim.lr_net=inf", "optim.warmup_steps=1"]
+    assert cli_main(["fuse", "--views", str(folder), "--out", str(out), *TINY, *diverge]) == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == good
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def test_wrong_experiment_kind_is_refused():
     with pytest.raises(Exception, match="not a fusion experiment"):
         load_fusion_config("tiny")

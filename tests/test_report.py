@@ -146,7 +146,8 @@ def test_bad_runs_are_one_line_errors(runs: list[Path], tmp_path: Path, capsys) 
         R.collect_run(runs[2])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "hparams").mkdir()  # someone else's folder of that name
-    with pytest.raises(Nova3DError, match="was not written by nova3d report"):
+    (tmp_path / "mine" / "hparams" / "theirs.txt").write_text("keep me")
+    with pytest.raises(Nova3DError, match="nova3d did not write"):
         R.write_report(R.build_report(runs[:2]), tmp_path / "mine" / "table.md")
 
 

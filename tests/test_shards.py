@@ -86,7 +86,8 @@ def test_shards_names_manifest_and_checksums(shards):
     manifest = Manifest.load(shards)
     assert manifest.splits["train"] == {"pattern": "train-{000000..000002}.tar", "num_shards": 3, "num_samples": 5}
     assert [s.objects for s in manifest.shards] == [["obj0", "obj1"], ["obj2", "obj3"], ["obj4"]]
-    assert manifest.encoding == {"codec": "zstd", "level": 3, "filter": "row_delta", "format_version": 1}
+    assert manifest.encoding == {"codec": "zstd", "level": 3, "filter": "row_delta", "checksums": True,
+                                 "format_version": 1}
     for info in manifest.shards:
         data = (shards / info.name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == info.sha256 and len(data) == info.num_bytes
@@ -109,7 +110,7 @@ def test_shards_are_reproducible_and_split_by_size_and_val(renders, tmp_path):
     assert len(resolve_shards(tmp_path / "a", split="val")) == 2
     assert (tmp_path / "a" / "val-000001.tar").is_file()
     with pytest.raises(Nova3DError, match="already holds shards"):
-        write_shards(renders, tmp_path / "a", progress=False)
+        write_shards(renders, tmp_path / "a", update=False, progress=False)
 
 
 def test_broken_object_folders_are_rejected_with_reasons(tmp_path):
@@ -151,8 +152,9 @@ def test_shard_write_is_atomic(renders, tmp_path, monkeypatch):
     assert len(list(iter_tar_samples(str(tmp_path / "train-000000.tar")))) == 2
 
 
-def _corrupt_copies(shards: Path, dst: Path) -> Path:
-    """dst/: one good shard, one truncated, one without a key, one with garbage image bytes."""
+def _corrupt_copies(shards: Path, dst: Path) -> str:
+    """dst/: one good shard, one truncated, one without a key, one with garbage image bytes (their pattern:
+    the folder has no manifest)."""
     dst.mkdir()
     data = (shards / "train-000000.tar").read_bytes()
     (dst / "train-000000.tar").write_bytes(data)
@@ -161,7 +163,7 @@ def _corrupt_copies(shards: Path, dst: Path) -> Path:
                 lambda name, d: None if name == "obj2.normal.npy.zst" else d)
     rewrite_tar(shards / "train-000002.tar", dst / "train-000003.tar",
                 lambda name, d: b"garbage" if name.endswith("rgb.npy.zst") else d)
-    return dst
+    return str(dst / "train-{000000..000003}.tar")
 
 
 def test_inspect_shards_good(shards, capsys):
@@ -174,7 +176,7 @@ def test_inspect_shards_good(shards, capsys):
 
 def test_inspect_shards_reports_each_problem(shards, tmp_path, capsys):
     bad = _corrupt_copies(shards, tmp_path / "bad")
-    assert inspect_main([str(bad)]) == 1
+    assert inspect_main([bad]) == 1
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("PROBLEM")]
     assert len(lines) == 3, lines
     assert "train-000001.tar: truncated or unreadable tar after 1 samples (ReadError" in lines[0]
@@ -213,21 +215,21 @@ def test_tar_cut_between_samples_is_detected(shards, tmp_path):
 
 
 def test_write_shards_update_keeps_current_shards_and_rewrites_stale_ones(tmp_path):
-    """`make demo` twice: --update skips shards that hold exactly the render folder's objects,
-    rewrites them when the objects changed, and refuses nothing; without it a rerun is refused."""
+    """`make demo` twice: a rerun (the default; update=False refuses) keeps shards that hold exactly
+    the render folder's objects and rewrites them when the objects changed."""
     renders, out = tmp_path / "renders", tmp_path / "shards"
     for i in range(3):
         make_object_folder(renders, f"obj{i}", views=2, res=16, seed=i)
     first = write_shards(renders, out, progress=False)
     assert not first.up_to_date and first.num_samples == 3
     with pytest.raises(Nova3DError, match="already holds shards"):
-        write_shards(renders, out, progress=False)
+        write_shards(renders, out, update=False, progress=False)
     before = (out / "train-000000.tar").stat().st_mtime_ns
-    again = write_shards(renders, out, update=True, progress=False)
+    again = write_shards(renders, out, progress=False)
     assert again.up_to_date and again.num_samples == 3
     assert (out / "train-000000.tar").stat().st_mtime_ns == before  # nothing rewritten
     make_object_folder(renders, "obj3", views=2, res=16, seed=3)
-    grown = write_shards(renders, out, update=True, progress=False)
+    grown = write_shards(renders, out, progress=False)
     assert not grown.up_to_date and grown.num_samples == 4
     assert Manifest.load(out).splits["train"]["num_samples"] == 4
     # a held-out split's folder records its own split name (what DataModules look up)

@@ -11,9 +11,11 @@ Validation/test: every shard once, split by rank then by worker; no roll, white 
 A rank with no validation shards yields no batches: give at least world_size val shards.
 
 Broken data never crashes a run and is never skipped silently: an unreadable (e.g. truncated)
-shard, a sample with a missing key or an undecodable image is skipped, counted in shared
-memory across worker processes (`datamodule.skipped`) and warned about with its file and
-reason. Only when every one of the last `max_consecutive_failures` reads failed does it raise.
+shard, a sample with a missing key, an undecodable image or a member whose checksum fails is
+skipped, counted in shared memory across worker processes (`datamodule.skipped`) and warned
+about with its file and reason. Only when every one of the last `max_consecutive_failures` reads
+failed does it raise. A shard folder without manifest.json (an interrupted write_shards) is
+refused at setup (nova3d.data.manifest.resolve_shards).
 
 Workers hand over compact PackedBatch (stored uint8/uint16 pixels of the picked views: ~3x less
 than float32 to move between processes); compositing, resizing and the normal frame are done after
@@ -142,9 +144,9 @@ def _read_shards(src: Iterable[dict], counter: SkipCounter, part: tuple[int, int
     part=(r, n): only the samples at positions r, r+n, ... of each shard. `max_empty`: raise after
     this many shards in a row gave nothing (a resampled stream would otherwise spin forever)."""
     rank, parts = part
-    empty = 0
+    empty, streak = 0, {}  # shard reads in a row that gave nothing; url -> why (None: read, but nothing for us)
     for item in src:
-        got = False
+        got, broken = False, None
         try:
             for i, sample in enumerate(iter_tar_samples(item["url"])):
                 if i % parts == rank:
@@ -152,10 +154,24 @@ def _read_shards(src: Iterable[dict], counter: SkipCounter, part: tuple[int, int
                     yield sample
         except ShardReadError as err:
             counter.skip(UNREADABLE_SHARD, str(err))
-        empty = 0 if got else empty + 1
+            broken = str(err)
+        if got:
+            empty, streak = 0, {}
+        else:
+            empty += 1
+            streak.setdefault(item["url"], broken)
         if max_empty is not None and empty >= max_empty:
-            raise Nova3DError(f"{item['url']}: rank {rank} of {parts} got no sample from {empty} shard reads in a "
-                              f"row: fewer training samples than ranks?")
+            raise Nova3DError(_nothing_read_message(part, empty, streak))
+
+
+def _nothing_read_message(part: tuple[int, int], reads: int, streak: dict[str, str | None]) -> str:
+    """Why `reads` shard reads in a row gave rank part[0] nothing: broken shards, or too few samples."""
+    rank, parts = part
+    broken = [why for why in streak.values() if why is not None]
+    causes = [f"{len(broken)} of {len(streak)} shards unreadable (first: {broken[0]})"] if broken else []
+    if len(broken) < len(streak):  # some shards read fine yet gave this rank nothing
+        causes.append("fewer training samples than ranks?" if parts > 1 else "the readable shards hold no samples")
+    return f"rank {rank} of {parts} got no sample from {reads} shard reads in a row: {'; '.join(causes)}"
 
 
 def rank_share(urls: list[str], rank: int, world: int) -> tuple[list[str], tuple[int, int]]:

@@ -1,8 +1,9 @@
 """`nova3d inspect-shards PATH`: samples, keys and shapes per shard, checked against manifest.json.
 
 Reads every shard with the DataModule's tar reader so that a problem names its file precisely:
-truncated or unreadable tars, samples with missing keys, undecodable images, checksum or
-count mismatches with the manifest. `InspectReport.ok` is False when there is any problem.
+truncated or unreadable tars, samples with missing keys, undecodable images or member checksum
+failures, sha256 or count mismatches with the manifest, a folder of shards without a manifest
+(an interrupted write_shards). `InspectReport.ok` is False when there is any problem.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nova3d.data import schema
-from nova3d.data.manifest import Manifest, ShardInfo, find_manifest, resolve_shards
+from nova3d.data.manifest import IncompleteShardsError, Manifest, ShardInfo, find_manifest, resolve_shards
 from nova3d.data.sample_error import SampleError
 from nova3d.data.shards import ShardReadError, decode_sample, iter_tar_samples
 from nova3d.errors import Nova3DError
@@ -108,7 +109,11 @@ def inspect_shards(path: str | Path, decode: bool = True) -> InspectReport:
             manifest = Manifest.load(manifest_path)
         except Nova3DError as err:
             problems.append(str(err))
-    shards = resolve_shards(path)
+    try:
+        shards = resolve_shards(path)
+    except IncompleteShardsError as err:  # a problem to report; still inspect what is there
+        problems.append(str(err))
+        shards = err.shards
     if not shards:
         problems.append(f"{path}: no shards found")
     listed: dict[str, ShardInfo] = {s.name: s for s in manifest.shards} if manifest else {}

@@ -34,6 +34,7 @@ import torch
 from nova3d.data import schema
 from nova3d.data.manifest import Manifest, find_manifest
 from nova3d.data.sample_error import INVALID, MISSING_KEY, UNDECODABLE, SampleError
+from nova3d.data.shards import recorded_crcs, verified_member
 from nova3d.errors import Nova3DError
 
 CACHE_SCRIPT = "data_prep/cache_latents.py"
@@ -130,7 +131,8 @@ def decode_latents(raw: dict, views: list[int], cfg, required: bool) -> Optional
     """[D, len(views), 2*C, h, w] float16 (domains in schema.LATENT_DOMAINS order) of a shard sample.
 
     A sample without latents: SampleError(MISSING_KEY) when `required`, else None (encoded live).
-    Latents that do not fit `cfg` or do not decode: SampleError(INVALID / UNDECODABLE).
+    Latents that do not fit `cfg`, fail their crc32 (schema.KEY_CRC) or do not decode:
+    SampleError(INVALID / UNDECODABLE).
     """
     name = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
     keys = [schema.KEY_LATENT_INFO, *schema.LATENT_KEYS.values()]
@@ -140,9 +142,13 @@ def decode_latents(raw: dict, views: list[int], cfg, required: bool) -> Optional
             return None
         raise SampleError(MISSING_KEY, f"{name}: missing {', '.join(missing)} (no cached latents; "
                                        f"see {CACHE_SCRIPT})")
+    crcs = recorded_crcs(raw, name)
     try:
-        info = json.loads(raw[schema.KEY_LATENT_INFO])
-        arrays = [np.load(io.BytesIO(raw[schema.LATENT_KEYS[d]]), allow_pickle=False) for d in schema.LATENT_DOMAINS]
+        info = json.loads(verified_member(raw, schema.KEY_LATENT_INFO, crcs, name))
+        arrays = [np.load(io.BytesIO(verified_member(raw, schema.LATENT_KEYS[d], crcs, name)), allow_pickle=False)
+                  for d in schema.LATENT_DOMAINS]
+    except SampleError:
+        raise
     except Exception as err:  # JSON and npy errors both mean "cannot decode this entry"
         raise SampleError(UNDECODABLE, f"{name}: cached latents: {type(err).__name__}: {err}") from err
     why = info_mismatch(info, cfg)

@@ -62,12 +62,21 @@ class Manifest:
         return [s.name for s in self.shards if split is None or s.split == split]
 
 
+class IncompleteShardsError(Nova3DError):
+    """A folder holding shards but no manifest.json: write_shards did not finish there."""
+
+    def __init__(self, folder: Path, shards: list[str]):
+        super().__init__(f"{folder}: incomplete shard set (shards but no {schema.MANIFEST_FILE}: write_shards was "
+                         f"interrupted?); rerun write_shards, or name the .tar files to read them anyway")
+        self.shards = shards  # what is there, for a reader that reports rather than refuses
+
+
 def find_manifest(spec: str | os.PathLike) -> Path | None:
-    """The manifest.json beside a shard spec (folder, manifest, .tar or brace pattern), if any."""
+    """The manifest.json of a shard spec: a folder's own, or the one beside a .tar or brace pattern."""
     path = Path(str(spec))
-    candidates = [path] if path.name == schema.MANIFEST_FILE else [path / schema.MANIFEST_FILE,
-                                                                   path.parent / schema.MANIFEST_FILE]
-    return next((c for c in candidates if c.is_file()), None)
+    if path.name != schema.MANIFEST_FILE:  # a folder's own only: its parent's lists other shards
+        path = (path if path.is_dir() else path.parent) / schema.MANIFEST_FILE
+    return path if path.is_file() else None
 
 
 def resolve_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
@@ -75,7 +84,9 @@ def resolve_shards(spec: str | os.PathLike | list, split: str | None = None) -> 
 
     `spec`: a brace pattern or .tar path; a folder (its manifest's `split` shards when it has a
     manifest and `split` is given, else every *.tar in it); a manifest.json; a text file listing
-    one shard per line (relative to the file); or a list of any of these.
+    one shard per line (relative to the file); or a list of any of these. A folder with shards
+    but no manifest raises IncompleteShardsError: write_shards writes the manifest last, so its
+    shards may be a fraction of the objects.
     """
     if isinstance(spec, (list, tuple)):
         return [p for item in spec for p in resolve_shards(item, split)]
@@ -87,7 +98,10 @@ def resolve_shards(spec: str | os.PathLike | list, split: str | None = None) -> 
             names = Manifest.load(manifest_path).shard_names(split)
             return [str(manifest_path.parent / n) for n in names]
         if path.is_dir():
-            return sorted(p for p in glob.glob(str(path / f"*{schema.SHARD_EXT}")))
+            shards = sorted(glob.glob(str(path / f"*{schema.SHARD_EXT}")))
+            if shards and manifest_path is None:
+                raise IncompleteShardsError(path, shards)
+            return shards
     if path.is_file() and not text.endswith(schema.SHARD_EXT):
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         return [str(path.parent / ln) for ln in lines]

@@ -31,7 +31,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from nova3d.atomic import atomic_path, write_json_atomic
+from nova3d.atomic import atomic_path, check_replaceable, mark_result, staged_dir, write_json_atomic
 from nova3d.errors import Nova3DError
 from nova3d.eval.plot import Panel, line_panels
 from nova3d.eval.results import fmt
@@ -100,9 +100,8 @@ def run_pose_study(gt_folder: str | Path, out: str | Path, angles: Sequence[floa
                    fusion_overrides: Sequence[str] | None = None, translation_per_deg: float = TRANSLATION_PER_DEG,
                    protocol=None, seed: int = 0, progress: bool = True) -> PoseStudy:
     """The study (module docstring) on a GT object folder with mesh.glb (data_prep.gso / nova3d.demo)."""
-    from nova3d.demo import DEMO_FUSION, score_mesh
-    from nova3d.fuse import fuse_object, load_fusion_config
-    from nova3d.fusion.perturb import perturb_object
+    from nova3d.demo import DEMO_FUSION
+    from nova3d.fuse import load_fusion_config
 
     gt_folder, out = Path(gt_folder), Path(out)
     angles = check_angles(angles)
@@ -111,11 +110,24 @@ def run_pose_study(gt_folder: str | Path, out: str | Path, angles: Sequence[floa
     if not (gt_folder / "mesh.glb").is_file():
         raise Nova3DError(f"{gt_folder / 'mesh.glb'} is missing (ground truth; made by nova3d.demo or data_prep.gso)")
     object_id = gt_folder.name
+    with staged_dir(out, "nova3d pose study") as stage:  # a failed study keeps the previous one
+        if gt_folder.resolve().is_relative_to(out.resolve()):  # its GT lives in OUT: it moves with the result
+            gt_folder = Path(shutil.copytree(gt_folder, stage / gt_folder.relative_to(out)))
+        study = _run(gt_folder, stage, object_id, angles, overrides, configs, translation_per_deg, protocol, seed,
+                     progress)
+    return dataclasses.replace(study, json_path=out / JSON_FILE, png_path=out / PNG_FILE, md_path=out / MD_FILE)
+
+
+def _run(gt_folder: Path, out: Path, object_id: str, angles: list[float], overrides: list[str], configs: dict,
+         translation_per_deg: float, protocol, seed: int, progress: bool) -> PoseStudy:
+    from nova3d.demo import score_mesh
+    from nova3d.fuse import fuse_object
+    from nova3d.fusion.perturb import perturb_object
+
     entries = []
     bar = tqdm(total=len(angles) * len(MODES), desc="pose study", unit="fusion", disable=not progress)
     for angle in angles:
         root = out / f"angle_{angle:g}"
-        shutil.rmtree(root, ignore_errors=True)  # this study's own folder: redone
         translation = angle * translation_per_deg
         cfg = PerturbConfig(color_views=[], pose_rotation_deg=angle, pose_translation=translation,
                             pose_magnitude="max", seed=seed)
@@ -194,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        gt = Path(args.gt) if args.gt else render_ground_truth(args.object, Path(args.out) / "gt")
+        out = Path(args.out)
+        check_replaceable(out)
+        if not args.gt:  # its GT render goes into OUT/gt: OUT (missing, empty or ours) is ours from now on
+            out.mkdir(parents=True, exist_ok=True)
+            mark_result(out, "nova3d pose study")
+        gt = Path(args.gt) if args.gt else render_ground_truth(args.object, out / "gt")
         angles = args.angles or (QUICK_ANGLES if args.quick else DEFAULT_ANGLES)
         overrides = [*(QUICK_FUSION if args.quick else DEMO_FUSION), *args.overrides]
         study = run_pose_study(gt, args.out, angles, overrides)

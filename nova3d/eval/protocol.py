@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from nova3d.atomic import MARKER, check_replaceable
 from nova3d.cameras import Cameras
 from nova3d.data import schema
 from nova3d.errors import Nova3DError
@@ -295,13 +296,16 @@ def versions() -> dict[str, str]:
 def evaluate_set(pred_dir: str | Path, gt_dir: str | Path, protocol: EvalProtocol | str = "gso",
                  out_dir: str | Path | None = None, progress: bool = True, device: str = "cpu") -> EvalSummary:
     """Evaluate every GT object against its prediction; write per_object.csv, summary.json and
-    summary.md into out_dir (when given). Objects without a usable prediction are listed."""
+    summary.md into out_dir (when given; a run that evaluated no object leaves an earlier result
+    there as it was). Objects without a usable prediction are listed."""
     start = time.perf_counter()
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol.check()
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
         raise Nova3DError(f"{pred_dir}: prediction folder not found")
     folders = gt_objects(gt_dir, protocol)  # every GT problem we can see cheaply, before any work
+    if out_dir is not None:
+        check_replaceable(out_dir)
     backend = _backend(protocol, device)
     lpips_fn, lpips_reason = (appearance.load_lpips(protocol.lpips_net, device) if protocol.lpips
                               else (None, "LPIPS disabled by the protocol"))
@@ -322,6 +326,6 @@ def evaluate_set(pred_dir: str | Path, gt_dir: str | Path, protocol: EvalProtoco
         pred_dir=str(pred_dir), gt_dir=str(gt_dir),
         unmatched_predictions=unmatched_predictions(pred_dir, {f.name for f in folders}),
         seconds=time.perf_counter() - start)
-    if out_dir is not None:
-        summary.write(out_dir)
+    if out_dir is not None and (summary.evaluated or not (Path(out_dir) / MARKER).exists()):
+        summary.write(out_dir)  # a run that evaluated nothing does not replace an earlier result
     return summary

@@ -20,13 +20,12 @@ import fnmatch
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from nova3d.atomic import atomic_path
+from nova3d.atomic import atomic_path, staged_dir
 from nova3d.errors import Nova3DError
 from nova3d.eval.results import JSON_FILE, MD_METRICS, fmt
 
@@ -34,7 +33,6 @@ DEFAULT_TAGS = ("val/*", "test/*", "loss/total", "pose/*")
 PRIMARY = ("eval/chamfer", "val/loss", "loss/total")
 EVAL_DIR = "eval"
 HPARAMS_DIR = "hparams"
-_MARKER = ".nova3d_report"  # marks an hparams folder this module owns (safe to replace)
 _HIGHER = ("psnr", "ssim", "iou", "fscore", "f_score", "precision", "recall")
 _LOWER = ("loss", "chamfer", "lpips", "error", "seconds", "cd_")
 
@@ -236,12 +234,6 @@ def write_hparams(report: Report, out_dir: str | Path) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     root = Path(out_dir) / HPARAMS_DIR
-    if root.exists():
-        if not (root / _MARKER).is_file():
-            raise Nova3DError(f"{root} exists and was not written by nova3d report; choose another --out folder")
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    (root / _MARKER).write_text("written by nova3d report; replaced on every run\n")
     keys = sorted({k for r in report.runs for k in r.config} - {"name"})  # name: the "experiment" hparam
     varying = [k for k in keys if len({json.dumps(r.config.get(k), default=str) for r in report.runs}) > 1]
     table = []
@@ -256,7 +248,7 @@ def write_hparams(report: Report, out_dir: str | Path) -> Path:
                 h[k] = str(h[k])
     discrete = {k: sorted({h[k] for h in table}, key=str) for k in table[0]
                 if isinstance(table[0][k], (str, bool))}
-    with SummaryWriter(log_dir=str(root)) as writer:
+    with staged_dir(root, "nova3d report") as stage, SummaryWriter(log_dir=str(stage)) as writer:
         for run, hp in zip(report.runs, table):
             metrics = {f"report/{c}": run.metrics.get(c, float("nan")) for c in report.columns}
             writer.add_hparams(hp, metrics, hparam_domain_discrete=discrete,
@@ -265,9 +257,12 @@ def write_hparams(report: Report, out_dir: str | Path) -> Path:
 
 
 def write_report(report: Report, out_file: str | Path) -> tuple[Path, Path]:
-    """The markdown table to out_file (atomically) and the hparams beside it."""
+    """The markdown table to out_file and the hparams beside it; each replaced only once written."""
     out_file = Path(out_file)
+    if out_file.is_dir():
+        raise Nova3DError(f"--out {out_file}: is a folder; give the markdown file to write")
     out_file.parent.mkdir(parents=True, exist_ok=True)
+    hparams = write_hparams(report, out_file.parent)
     with atomic_path(out_file) as tmp:
         tmp.write_text(report.markdown())
-    return out_file, write_hparams(report, out_file.parent)
+    return out_file, hparams

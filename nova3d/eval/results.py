@@ -1,6 +1,6 @@
 """Results of an evaluation: one ObjectResult per object, the set's EvalSummary, and its files.
 
-`EvalSummary.write(out_dir)` writes (each atomically):
+`EvalSummary.write(out_dir)` writes (staged and swapped in whole: a failed run keeps the old ones):
   per_object.csv   one row per ground-truth object, evaluated or not (status + reason)
   summary.json     protocol, means/medians over evaluated objects, counts, what was not evaluated
                    and why, unmatched predictions, LPIPS status, software versions, every object's
@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nova3d.atomic import atomic_path, write_json_atomic
+from nova3d.atomic import staged_dir, write_json_atomic
 from nova3d.eval.appearance import AppearanceResult
 from nova3d.eval.geometry import ChamferResult, VolumeIoUResult
 from nova3d.eval.normalize import AlignmentRecord
@@ -196,11 +196,10 @@ class EvalSummary:
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"csv": out / CSV_FILE, "json": out / JSON_FILE, "md": out / MD_FILE}
-        with atomic_path(paths["csv"]) as tmp:
-            tmp.write_text(self.csv_text())
-        write_json_atomic(paths["json"], self.to_json())
-        with atomic_path(paths["md"]) as tmp:
-            tmp.write_text(self.markdown())
+        names = {"csv": CSV_FILE, "json": JSON_FILE, "md": MD_FILE}
+        with staged_dir(out, "nova3d eval") as stage:
+            (stage / CSV_FILE).write_text(self.csv_text())
+            write_json_atomic(stage / JSON_FILE, self.to_json())
+            (stage / MD_FILE).write_text(self.markdown())
+        paths = {kind: out / name for kind, name in names.items()}
         return paths

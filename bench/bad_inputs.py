@@ -1,0 +1,344 @@
+"""A catalogue of bad inputs run against nova3d's commands, as a new user would run them.
+
+    python bench/bad_inputs.py [--quick] [--keep DIR]      (make bad-inputs)
+
+Each case makes one bad input (or one failure: a diverging fit, a kill) in a scratch folder, runs
+one command in a subprocess, and checks four things:
+  exit      the exit status is non-zero
+  one_line  the error is one line (the last stderr line starts with `<prog>: error:`, no traceback)
+            and names the problem (a word the case expects), unless the case is a kill or a report
+  intact    every file that existed before (earlier results, the input) is byte-identical after,
+            and no `*.partial` / `*.tmp` is left behind
+  named     the output names the problem (the case's expected word)
+A case is OK when every check holds. The fixtures (a Blender render of a toy object, a good fused
+result, a good evaluation, shards, a copy of pretrained/toy) are built once, in process.
+Last line: one JSON object {"tried", "ok", "failed": [case names], "cases": {name: checks}}.
+--quick runs the fast half of the catalogue (no fit is started).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+NOVA3D = [PY, "-m", "nova3d.cli"]
+OBJECT = "toy-s0-00000"
+QUICK_FUSION = ["optim.steps=20", "optim.rays=256", "optim.fit_resolution=32", "export.resolution=32",
+                "logging.tensorboard=false", "logging.progress=false", "logging.turntable_frames=2",
+                "logging.preview_every_n_steps=0"]
+DIVERGE = ["optim.steps=5", "optim.lr_grid=1e12", "optim.lr_net=1e12", "optim.lr_color=1e12", "optim.warmup_steps=0"]
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # data loss | silent corruption | traceback | rerun | argument
+    make: Callable[[Path], list[str]]  # scratch folder -> argv (after setting up the bad input)
+    expect: str  # a word the output must contain (case-insensitive)
+    protect: Callable[[Path], list[Path]] = lambda w: []  # what must be byte-identical after
+    kill_after: float | None = None  # seconds: SIGKILL the command (a killed run must lose nothing)
+    one_line: bool = True  # the command reports a problem as one error line (False: a report or a kill)
+    quick: bool = True  # part of --quick
+    checks: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- fixtures
+
+def build_fixtures(root: Path) -> dict[str, Path]:
+    """The good things bad inputs are set beside: built once, in process."""
+    sys.path.insert(0, str(REPO))
+    from data_prep.toy_data import GT_MAX_OUTSIDE
+    from data_prep.write_shards import write_shards
+    from nova3d.demo import render_ground_truth
+    from nova3d.eval.protocol import evaluate_set, get_protocol
+    from nova3d.fuse import fuse_object, load_fusion_config
+
+    fx = {"gt_root": root / "gt"}
+    fx["views"] = render_ground_truth(OBJECT, fx["gt_root"], resolution=64, progress=False, max_outside=GT_MAX_OUTSIDE)
+    fx["fused"] = root / "fused"
+    fuse_object(fx["views"], fx["fused"], load_fusion_config("fusion/default", QUICK_FUSION))
+    fx["pred"] = root / "pred"
+    fx["pred"].mkdir()
+    shutil.copy(fx["fused"] / "mesh.glb", fx["pred"] / f"{OBJECT}.glb")
+    fx["eval"] = root / "eval"
+    evaluate_set(fx["pred"], fx["gt_root"], get_protocol("gso", image_size=64, lpips=False), fx["eval"], progress=False)
+    fx["shards"] = root / "shards"
+    write_shards(fx["gt_root"], fx["shards"], progress=False)
+    fx["model"] = root / "model"
+    shutil.copytree(REPO / "pretrained" / "toy", fx["model"])
+    return fx
+
+
+def copy(src: Path, dst: Path) -> Path:
+    (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    return dst
+
+
+def edit_cameras(views: Path, edit: Callable[[dict], object]) -> None:
+    path = views / "cameras.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def flip_byte(path: Path, offset_fraction: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def write_mesh_with(path: Path, bad: float) -> Path:
+    import numpy as np
+    import trimesh
+
+    box = trimesh.creation.box()
+    vertices = np.array(box.vertices)
+    vertices[0, 0] = bad
+    trimesh.Trimesh(vertices, box.faces, process=False).export(path)
+    return path
+
+
+# ---------------------------------------------------------------- the catalogue
+
+def catalogue(fx: dict[str, Path]) -> list[Case]:
+    v, fused, ev, shards, model = fx["views"], fx["fused"], fx["eval"], fx["shards"], fx["model"]
+    image = v / "rgb" / "000.png"
+
+    def views_with(edit):
+        def make(w: Path) -> Path:
+            bad = copy(v, w / OBJECT)
+            edit_cameras(bad, edit)
+            return bad
+        return make
+
+    def truncated_model(w: Path) -> Path:
+        bad = copy(model, w / "model")
+        weights = next((bad / "unet").glob("*.safetensors"))
+        os.truncate(weights, weights.stat().st_size // 3)
+        return bad
+
+    def shards_without_manifest(w: Path) -> Path:
+        bad = copy(shards, w / "shards")
+        (bad / "manifest.json").unlink()
+        return bad
+
+    def shards_flipped(w: Path) -> Path:
+        bad = copy(shards, w / "shards")
+        flip_byte(next(bad.glob("*.tar")), 0.6)
+        return bad
+
+    def c2w_3x4(cams):
+        cams["frames"][1]["c2w"] = cams["frames"][1]["c2w"][:3]
+        return cams
+
+    def render_dir_all_rejected(w: Path) -> Path:
+        renders = w / "renders"
+        views_with(lambda c: [])(renders)
+        return renders
+
+    def checkpoint_cut(w: Path) -> Path:
+        path = w / "last.ckpt"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"x" * 4096)
+        os.truncate(path, 1000)
+        return path
+
+    def truncated_resume(w: Path) -> list[str]:
+        ckpt = w / "runs" / "tiny" / "local" / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        shutil.copy(checkpoint_cut(w), ckpt)
+        return [PY, "-m", "nova3d.train", "tiny", f"logging.root={w / 'runs'}", f"data.shards={shards}",
+                "trainer.max_steps=1"]
+
+    fused_copy = lambda w: copy(fused, w / "result")  # noqa: E731
+    eval_copy = lambda w: copy(ev, w / "eval")  # noqa: E731
+    return [
+        # data loss: a failed command must leave an earlier result exactly as it was
+        Case("fuse_diverges_over_a_good_result", "data loss",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str(fused_copy(w)), *QUICK_FUSION, *DIVERGE],
+             "non-finite", lambda w: [w / "result"], quick=False),
+        Case("fuse_killed_over_a_good_result", "data loss",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str(fused_copy(w))],
+             "", lambda w: [w / "result"], kill_after=12, one_line=False, quick=False),
+        Case("eval_empty_pred_over_a_good_result", "data loss",
+             lambda w: [*NOVA3D, "eval", "--pred", str((w / "empty").mkdir() or w / "empty"), "--gt", str(fx["gt_root"]),
+                        "--out", str(eval_copy(w)), "--device", "cpu"], "no object could be evaluated",
+             lambda w: [w / "eval"], quick=False),
+        Case("fuse_out_holds_someone_elses_files", "data loss",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out",
+                        str(((w / "mine").mkdir() or (w / "mine" / "notes.txt").write_text("mine")) and w / "mine"),
+                        *QUICK_FUSION], "did not write", lambda w: [w / "mine"]),
+        Case("generate_into_an_existing_folder", "data loss",
+             lambda w: [*NOVA3D, "generate", "--image", str(image), "--model", str(model), "--out",
+                        str(copy(v, w / "gen" / "000").parent), "--steps", "2"], "already exists",
+             lambda w: [w / "gen"]),
+        Case("export_over_an_existing_folder", "data loss",
+             lambda w: [*NOVA3D, "export", str(checkpoint_cut(w)), "--out", str(copy(model, w / "pipe"))],
+             "already exists", lambda w: [w / "pipe"]),
+        Case("perturb_over_an_existing_folder", "data loss",
+             lambda w: [*NOVA3D, "perturb", "--views", str(v), "--out", str(copy(v, w / "p"))], "already exists",
+             lambda w: [w / "p"]),
+        # silent corruption: found where it is read
+        Case("inspect_interrupted_shards", "silent corruption",
+             lambda w: [*NOVA3D, "inspect-shards", str(shards_without_manifest(w))], "manifest",
+             lambda w: [w / "shards"], one_line=False),
+        Case("train_on_interrupted_shards", "silent corruption",
+             lambda w: [PY, "-m", "nova3d.train", "tiny", f"logging.root={w / 'runs'}",
+                        f"data.shards={shards_without_manifest(w)}", "trainer.max_steps=1"], "manifest",
+             lambda w: [w / "shards"], quick=False),
+        Case("inspect_flipped_byte_in_a_shard", "silent corruption",
+             lambda w: [*NOVA3D, "inspect-shards", str(shards_flipped(w))], "checksum", lambda w: [w / "shards"],
+             one_line=False),
+        Case("render_nan_vertex_obj", "silent corruption",
+             lambda w: [PY, "-m", "data_prep.render_views", str(write_mesh_with(w / "nan.obj", float("nan"))),
+                        "--out", str(w / "r"), "--resolution", "32", "--samples", "1"], "non-finite"),
+        Case("render_inf_vertex_glb", "silent corruption",
+             lambda w: [PY, "-m", "data_prep.render_views", str(write_mesh_with(w / "inf.glb", float("inf"))),
+                        "--out", str(w / "r"), "--resolution", "32", "--samples", "1"], "non-finite"),
+        Case("write_shards_every_object_rejected", "silent corruption",
+             lambda w: [PY, "-m", "data_prep.write_shards", str(render_dir_all_rejected(w)), "--out", str(w / "s"),
+                        "--no-progress"], "rejected"),
+        # a traceback where one line belongs
+        Case("fuse_cameras_json_is_a_list", "traceback",
+             lambda w: [*NOVA3D, "fuse", "--views", str(views_with(lambda c: [])(w)), "--out", str(w / "o")],
+             "cameras.json"),
+        Case("fuse_cameras_json_is_a_number_list", "traceback",
+             lambda w: [*NOVA3D, "fuse", "--views", str(views_with(lambda c: [1, 2, 3])(w)), "--out", str(w / "o")],
+             "cameras.json"),
+        Case("fuse_c2w_is_3x4", "traceback",
+             lambda w: [*NOVA3D, "fuse", "--views", str(views_with(c2w_3x4)(w)), "--out", str(w / "o"),
+                        *QUICK_FUSION], "c2w"),
+        Case("generate_truncated_unet_weights", "traceback",
+             lambda w: [*NOVA3D, "generate", "--image", str(image), "--model", str(truncated_model(w)),
+                        "--out", str(w / "g"), "--steps", "2"], "truncated"),
+        Case("image_to_3d_truncated_unet_weights", "traceback",
+             lambda w: [*NOVA3D, "image-to-3d", "--image", str(image), "--model", str(truncated_model(w)),
+                        "--out", str(w / "g"), "--steps", "2"], "truncated"),
+        Case("train_resumes_from_a_truncated_last_ckpt", "traceback", truncated_resume, "not a complete checkpoint",
+             lambda w: [w / "runs" / "tiny" / "local" / "checkpoints"], quick=False),
+        Case("export_a_file_that_is_not_a_checkpoint", "traceback",
+             lambda w: [*NOVA3D, "export", str((w / "x.ckpt").write_text("hello") and w / "x.ckpt"),
+                        "--out", str(w / "pipe")], "checkpoint"),
+        Case("write_shards_out_is_a_file", "traceback",
+             lambda w: [PY, "-m", "data_prep.write_shards", str(fx["gt_root"]), "--out",
+                        str((w / "f").write_text("x") and w / "f")], "is a file", lambda w: [w / "f"]),
+        Case("write_shards_cameras_json_is_a_list", "traceback",
+             lambda w: [PY, "-m", "data_prep.write_shards", str(render_dir_all_rejected(w)), "--out", str(w / "s"),
+                        "--no-progress"], "cameras.json"),
+        # arguments and missing things
+        Case("fuse_views_folder_missing", "argument",
+             lambda w: [*NOVA3D, "fuse", "--views", str(w / "nowhere"), "--out", str(w / "o")], "nowhere"),
+        Case("fuse_out_is_a_file", "argument",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str((w / "f").write_text("x") and w / "f")],
+             "is a file", lambda w: [w / "f"]),
+        Case("fuse_unknown_config_key", "argument",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str(w / "o"), "optim.nope=1"], "nope"),
+        Case("generate_image_is_not_an_image", "argument",
+             lambda w: [*NOVA3D, "generate", "--image", str((w / "i.png").write_text("no") and w / "i.png"),
+                        "--model", str(model), "--out", str(w / "g")], "i.png"),
+        Case("generate_model_folder_missing", "argument",
+             lambda w: [*NOVA3D, "generate", "--image", str(image), "--model", str(w / "nomodel"), "--out", str(w / "g")],
+             "nomodel"),
+        Case("eval_unknown_protocol", "argument",
+             lambda w: [*NOVA3D, "eval", "--pred", str(fx["pred"]), "--gt", str(fx["gt_root"]), "--out", str(w / "e"),
+                        "--protocol", "nope"], "unknown protocol"),
+        Case("eval_gt_folder_missing", "argument",
+             lambda w: [*NOVA3D, "eval", "--pred", str(fx["pred"]), "--gt", str(w / "nogt"), "--out", str(w / "e")],
+             "nogt"),
+        Case("perturb_color_view_out_of_range", "argument",
+             lambda w: [*NOVA3D, "perturb", "--views", str(v), "--out", str(w / "p"), "--color-views", "99"],
+             "out of range"),
+        Case("contact_sheet_index_out_of_range", "argument",
+             lambda w: [*NOVA3D, "contact-sheet", str(shards), "--out", str(w / "c.png"), "--index", "99"], "99"),
+        Case("report_out_is_a_folder", "argument",
+             lambda w: [*NOVA3D, "report", str(fused), "--out", str((w / "d").mkdir() or w / "d")], "is a folder"),
+        Case("config_unknown_experiment", "argument", lambda w: [*NOVA3D, "config", "nope"], "nope"),
+        Case("train_unknown_override", "argument",
+             lambda w: [PY, "-m", "nova3d.train", "tiny", "trainer.nope=1", f"logging.root={w / 'runs'}"], "nope"),
+    ]
+
+
+# ---------------------------------------------------------------- running and checking
+
+def tree_digest(paths: list[Path]) -> dict[str, str]:
+    out = {}
+    for root in paths:
+        for p in ([root] if root.is_file() else sorted(root.rglob("*")) if root.exists() else []):
+            if p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def leftovers(w: Path) -> list[str]:
+    return [str(p) for p in w.rglob("*") if p.name.endswith((".partial", ".tmp", ".old"))]
+
+
+def run_case(case: Case, w: Path) -> dict:
+    argv = case.make(w)
+    protected = case.protect(w)
+    before = tree_digest(protected)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=case.kill_after or 600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    text = (out + err).lower()
+    checks = {
+        "exit": proc.returncode != 0,
+        "one_line": (not case.one_line) or (": error: " in last and "Traceback" not in err),
+        # a killed run may leave its FOLDER.partial (the next run removes it); nothing else
+        "intact": tree_digest(protected) == before and (case.kill_after is not None or not leftovers(w)),
+        "named": case.expect.lower() in text,
+    }
+    return {"kind": case.kind, "ok": all(checks.values()), "checks": checks, "exit": proc.returncode,
+            "last_line": last[:300], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the fast half of the catalogue (no fit is started)")
+    p.add_argument("--keep", help="build fixtures and scratch folders here (kept) instead of a temporary folder")
+    p.add_argument("--only", nargs="*", help="case names to run")
+    args = p.parse_args(argv)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nova3d_bad_inputs_"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        print("building fixtures (Blender render, a quick fuse, an evaluation, shards) ...", flush=True)
+        fx = build_fixtures(root / "fixtures")
+        cases = [c for c in catalogue(fx) if (not args.quick or c.quick) and (not args.only or c.name in args.only)]
+        results = {}
+        for n, case in enumerate(cases, 1):
+            w = root / "cases" / case.name
+            shutil.rmtree(w, ignore_errors=True)
+            w.mkdir(parents=True)
+            results[case.name] = r = run_case(case, w)
+            bad = [k for k, ok in r["checks"].items() if not ok]
+            print(f"[{n:2d}/{len(cases)}] {'ok  ' if r['ok'] else 'FAIL'} {case.name} ({r['seconds']}s)"
+                  + (f": {', '.join(bad)} — {r['last_line']}" if bad else ""), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    failed = [name for name, r in results.items() if not r["ok"]]
+    print(json.dumps({"tried": len(results), "ok": len(results) - len(failed), "failed": failed, "cases": results}))
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
