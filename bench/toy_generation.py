@@ -2,21 +2,24 @@
 
     python bench/toy_generation.py [--data data/toy] [--runs toy=pretrained/toy NAME=PIPELINE_DIR ...]
                                    [--objects 20] [--steps 12] [--seed 0] [--quick] [--out outputs/toy_bench]
+                                   [--fusion-budget toy|quick|none] [--split test|val] [--jobs N]
 
 For every test-split object with a GT mesh (data_prep.toy_data) and every run (a pipeline folder,
 `nova3d export` of a toy-recipe checkpoint): its input view (view 0 of the Blender render) ->
 Nova3DPipeline (fixed seed) -> 16 RGB + 16 normal views, scored against the renders by
 nova3d.eval.generated_views (PSNR / SSIM, normal angular error on the true foreground, RGB-normal
-foreground IoU; means over the 15 novel views), beside the trivial baselines `input_repeated` and
-`train_mean` scored the same way; then `fusion/default` at the toy budget (nova3d.demo.TOY_FUSION)
-fuses the generated views and the GSO protocol (64² views) scores the mesh against the GT mesh
-(Chamfer, Volume IoU).
+foreground IoU; means over the 15 novel views; view 0's PSNR apart), beside the trivial baselines
+`input_repeated` and `train_mean` scored the same way; then `fusion/default` at the toy budget
+(nova3d.demo.TOY_FUSION) fuses the generated views and the GSO protocol (64² views) scores the mesh
+against the GT mesh (Chamfer, Volume IoU). The reference is the same fusion on the TRUE renders of the
+same objects (OUT/true_views/, computed once and reused while objects and fusion settings agree).
+`--split val --fusion-budget none` scores views only, on the split recipes are chosen on (pilots).
 
 Writes OUT/<run>/metrics.json + OUT/<run>/eval/ (what `nova3d report` reads), OUT/report.md
 (`nova3d report`'s table of the runs) and OUT/toy_generation.json; the last line printed is one
-JSON object with psnr_generated, psnr_baseline (the better baseline), normal_error_deg_generated,
-normal_error_deg_baseline, rgb_normal_mask_iou, chamfer_fused, iou_fused, objects (of the first
-run), and ablation: {run: the same keys}.
+JSON object with KEYS (of the first run: psnr_generated, ssim_generated, psnr_view0, psnr_baseline
+(the better baseline), normal errors, rgb_normal_mask_iou, chamfer_fused, iou_fused,
+chamfer_true_views, iou_true_views, objects), and ablation: {run: the same keys}.
 """
 from __future__ import annotations
 
@@ -38,19 +41,22 @@ from nova3d.atomic import write_json_atomic  # noqa: E402
 from nova3d.data.shards import read_object_folder  # noqa: E402
 from nova3d.eval import generated_views as gv  # noqa: E402
 
-KEYS = ("psnr_generated", "psnr_baseline", "normal_error_deg_generated", "normal_error_deg_baseline",
-        "rgb_normal_mask_iou", "chamfer_fused", "iou_fused", "objects")
+KEYS = ("psnr_generated", "ssim_generated", "psnr_view0", "psnr_baseline", "normal_error_deg_generated",
+        "normal_error_deg_baseline", "rgb_normal_mask_iou", "chamfer_fused", "iou_fused", "chamfer_true_views",
+        "iou_true_views", "objects")
+TRUE_VIEWS = "true_views"  # OUT/true_views: the same fusion on the true renders (the reference)
 TRAIN_MEAN_OBJECTS = 200
 
 
-def test_objects(data: Path, count: int) -> list[Path]:
-    """The first `count` test-split render folders that have a GT mesh."""
+def split_objects(data: Path, count: int, split: str = "test") -> list[Path]:
+    """The first `count` render folders of `split`; on the test split, only those with a GT mesh."""
     from data_prep.gso import GT_MESH
 
-    folders = sorted(p for p in (data / "renders" / "test").iterdir() if (p / GT_MESH).is_file())
+    root = data / "renders" / split
+    folders = sorted(p for p in root.iterdir() if split != "test" or (p / GT_MESH).is_file()) if root.is_dir() else []
     if not folders:
-        raise SystemExit(f"toy_generation: no test objects with a GT mesh under {data}/renders/test "
-                         "(run `make toy-data`)")
+        raise SystemExit(f"toy_generation: no {split} objects{' with a GT mesh' if split == 'test' else ''} "
+                         f"under {root} (run `make toy-data`)")
     return folders[:count]
 
 
@@ -64,12 +70,47 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, list[gv.ViewScores]],
-              out: Path, steps: int, seed: int, fusion: tuple[str, ...]) -> dict:
+def fuse_and_score_mesh(views_dir: Path, out_dir: Path, gt_folder: Path, fusion: tuple[str, ...], protocol):
+    """`fusion/default` with the `fusion` overrides on one views folder, scored against the GT object."""
     from nova3d.demo import score_mesh
+    from nova3d.fuse import fuse_object, load_fusion_config
+
+    fused = fuse_object(views_dir, out_dir, load_fusion_config("fusion/default", list(fusion)))
+    return score_mesh(fused.meshes["glb"], gt_folder, None, protocol, (None, "LPIPS off in this bench"))
+
+
+def true_views_reference(objects: list[Path], out: Path, fusion: tuple[str, ...], resolution: int) -> dict:
+    """The same fusion on the TRUE renders of the same objects: what the chain could reach with perfect
+    views. Kept in OUT/true_views/reference.json and reused while objects and fusion settings are the same."""
+    import json as _json
+
+    from nova3d.eval.protocol import get_protocol
+
+    key = {"objects": [f.name for f in objects], "fusion": list(fusion), "resolution": resolution}
+    cache = out / TRUE_VIEWS / "reference.json"
+    if cache.is_file():
+        stored = _json.loads(cache.read_text())
+        if stored.get("key") == key:
+            return stored
+    protocol = get_protocol("gso", image_size=resolution, lpips=False)
+    per_object = []
+    for folder in objects:
+        t = time.perf_counter()
+        result = fuse_and_score_mesh(folder, out / TRUE_VIEWS / "fused" / folder.name, folder, fusion, protocol).scalars()
+        per_object.append({"object": folder.name, "chamfer": result["chamfer"], "volume_iou": result["volume_iou"]})
+        print(f"  true views {folder.name}: CD {result['chamfer'] or float('nan'):.4f}, "
+              f"IoU {result['volume_iou'] or float('nan'):.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+    reference = {"key": key, "per_object": per_object, "chamfer": _mean([o["chamfer"] for o in per_object]),
+                 "volume_iou": _mean([o["volume_iou"] for o in per_object])}
+    write_json_atomic(cache, reference)
+    return reference
+
+
+def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, list[gv.ViewScores]],
+              out: Path, steps: int, seed: int, fusion: tuple[str, ...] | None) -> dict:
+    """Generate + score views of every object; with `fusion`, also fuse and score the meshes."""
     from nova3d.eval.protocol import get_protocol, protocol_overrides, versions
     from nova3d.eval.results import EvalSummary
-    from nova3d.fuse import fuse_object, load_fusion_config
     from nova3d.generate import GenerateSettings, generate_into, load_pipeline
 
     pipe = load_pipeline(model, torch.device("cpu"))
@@ -86,27 +127,31 @@ def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, 
         gen_seconds.append(time.perf_counter() - t)
         s = gv.score_views(gv.Views.from_sample(read_object_folder(views_dir)), true)
         scores.append(s)
-        t = time.perf_counter()
-        fused = fuse_object(views_dir, run_dir / "fused" / folder.name, load_fusion_config("fusion/default", list(fusion)))
-        fuse_seconds.append(time.perf_counter() - t)
-        result = score_mesh(fused.meshes["glb"], folder, None, protocol, (None, "LPIPS off in this bench"))
-        results.append(result)
-        mesh = result.scalars()
-        per_object.append({"object": folder.name, **s.means(), "chamfer": mesh["chamfer"],
-                           "volume_iou": mesh["volume_iou"], "mesh_psnr": mesh["psnr"], "status": result.status})
-        print(f"  {name} {folder.name}: PSNR {s.mean('psnr'):.2f} dB, normals {s.mean('normal_error_deg'):.1f} deg, "
-              f"mask IoU {s.mean('mask_iou'):.3f}, CD {mesh['chamfer'] or float('nan'):.4f}, "
-              f"IoU {mesh['volume_iou'] or float('nan'):.3f} (generate {gen_seconds[-1]:.0f} s, "
-              f"fuse {fuse_seconds[-1]:.0f} s)", flush=True)
-    EvalSummary(protocol=dataclasses.asdict(protocol), protocol_overrides=protocol_overrides(protocol), objects=results,
-                lpips_reason="LPIPS off in this bench", versions=versions(), environment={"device": "cpu"},
-                pred_dir=str(run_dir / "fused"), gt_dir=str(objects[0].parent),
-                seconds=float(sum(r.seconds for r in results))).write(run_dir / "eval")
+        mesh = {"chamfer": None, "volume_iou": None, "psnr": None}
+        if fusion is not None:
+            t = time.perf_counter()
+            result = fuse_and_score_mesh(views_dir, run_dir / "fused" / folder.name, folder, fusion, protocol)
+            fuse_seconds.append(time.perf_counter() - t)
+            results.append(result)
+            mesh = result.scalars()
+        per_object.append({"object": folder.name, **s.means(), "psnr_view0": s.psnr[0], "chamfer": mesh["chamfer"],
+                           "volume_iou": mesh["volume_iou"], "mesh_psnr": mesh["psnr"]})
+        print(f"  {name} {folder.name}: PSNR {s.mean('psnr'):.2f} dB (view 0 {s.psnr[0]:.2f}), normals "
+              f"{s.mean('normal_error_deg'):.1f} deg, mask IoU {s.mean('mask_iou'):.3f}, "
+              f"CD {mesh['chamfer'] or float('nan'):.4f}, IoU {mesh['volume_iou'] or float('nan'):.3f} "
+              f"(generate {gen_seconds[-1]:.0f} s{f', fuse {fuse_seconds[-1]:.0f} s' if fuse_seconds else ''})",
+              flush=True)
+    if results:
+        EvalSummary(protocol=dataclasses.asdict(protocol), protocol_overrides=protocol_overrides(protocol),
+                    objects=results, lpips_reason="LPIPS off in this bench", versions=versions(),
+                    environment={"device": "cpu"}, pred_dir=str(run_dir / "fused"), gt_dir=str(objects[0].parent),
+                    seconds=float(sum(r.seconds for r in results))).write(run_dir / "eval")
     best_psnr = max(baselines, key=lambda b: _mean([s.mean("psnr") for s in baselines[b]]))
     best_normal = min(baselines, key=lambda b: _mean([s.mean("normal_error_deg") for s in baselines[b]]))
     row = {
         "psnr_generated": _mean([s.mean("psnr") for s in scores]),
         "ssim_generated": _mean([s.mean("ssim") for s in scores]),
+        "psnr_view0": _mean([s.psnr[0] for s in scores]),
         "psnr_baseline": _mean([s.mean("psnr") for s in baselines[best_psnr]]),
         "psnr_baseline_name": best_psnr,
         "normal_error_deg_generated": _mean([s.mean("normal_error_deg") for s in scores]),
@@ -118,7 +163,8 @@ def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, 
         "objects": len(objects),
         "psnr_per_view": np.mean([s.psnr for s in scores], axis=0).round(3).tolist(),
         "normal_error_deg_per_view": np.nanmean([s.normal_error_deg for s in scores], axis=0).round(3).tolist(),
-        "seconds_generate_median": float(np.median(gen_seconds)), "seconds_fuse_median": float(np.median(fuse_seconds)),
+        "seconds_generate_median": float(np.median(gen_seconds)),
+        "seconds_fuse_median": float(np.median(fuse_seconds)) if fuse_seconds else None,
         "model": str(model), "steps": steps, "seed": seed,
     }
     write_json_atomic(run_dir / "metrics.json", {"experiment": name, **{k: v for k, v in row.items()
@@ -140,14 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "toy_bench")
     p.add_argument("--quick", action="store_true", help="4 objects, 6 steps, a tiny fusion budget")
     p.add_argument("--jobs", type=int, default=1, help="runs scored side by side, one thread each")
-    p.add_argument("--fusion-budget", choices=["toy", "quick"], default="toy",
-                   help="toy: nova3d.demo.TOY_FUSION (~60 s an object); quick: QUICK_TOY_FUSION (~15 s)")
+    p.add_argument("--fusion-budget", choices=["toy", "quick", "none"], default="toy",
+                   help="toy: nova3d.demo.TOY_FUSION (~60 s an object); quick: QUICK_TOY_FUSION (~15 s); "
+                        "none: score the generated views only")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="val: the split recipes are chosen on (views only: val objects have no GT mesh)")
     args = p.parse_args(argv)
+    if args.split != "test" and args.fusion_budget != "none":
+        p.error("--split val scores views only: add --fusion-budget none")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = dict(r.split("=", 1) for r in args.runs)
     count, steps = (4, 6) if args.quick else (args.objects, args.steps)
-    fusion = QUICK_TOY_FUSION if args.quick or args.fusion_budget == "quick" else TOY_FUSION
-    objects = test_objects(args.data, count)
+    fusion = (None if args.fusion_budget == "none" else
+              QUICK_TOY_FUSION if args.quick or args.fusion_budget == "quick" else TOY_FUSION)
+    objects = split_objects(args.data, count, args.split)
     mean = train_mean(args.data)
     baselines = {"input_repeated": [], "train_mean": []}
     for folder in objects:
@@ -156,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         baselines["train_mean"].append(gv.score_views(mean, true))
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(name, Path(model), objects, baselines, args.out, steps, args.seed, fusion) for name, model in runs.items()]
-    print(f"runs {', '.join(runs)} on {len(objects)} test objects", flush=True)
+    print(f"runs {', '.join(runs)} on {len(objects)} {args.split} objects", flush=True)
+    reference = {}
+    if fusion is not None:
+        resolution = gv.Views.from_sample(read_object_folder(objects[0])).rgb.shape[-1]
+        reference = true_views_reference(objects, args.out, fusion, resolution)
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -164,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = dict(zip(runs, pool.map(bench_run, *zip(*jobs))))
     else:
         rows = {job[0]: bench_run(*job) for job in jobs}
+    for row in rows.values():
+        row["chamfer_true_views"], row["iou_true_views"] = reference.get("chamfer"), reference.get("volume_iou")
     report = build_report([args.out / n for n in runs], metrics=["eval/chamfer", "eval/volume_iou", "psnr_*",
                                                                  "normal_error_*", "rgb_normal_mask_iou"])
     write_report(report, args.out / "report.md")
@@ -174,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                            for s in v])}
                                                             for b, v in baselines.items()},
                "ablation": {n: {k: r[k] for k in KEYS} for n, r in rows.items()}, "runs": rows,
-               "quick": args.quick, "fusion": list(fusion)}
+               "quick": args.quick, "fusion": list(fusion or []), "split": args.split}
     write_json_atomic(args.out / "toy_generation.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
     return 0

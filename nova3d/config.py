@@ -66,6 +66,10 @@ class ModelConfig:
     gta_keys: str = "other_domains"  # GTA branch keys: other_domains | all_domains (models/gta.py)
     domains: list[str] = field(default_factory=lambda: ["rgb", "normal"])
     gradient_checkpointing: bool = False
+    # Start a NEW run from the UNet of an exported pipeline folder (`nova3d export`), e.g.
+    # pretrained/toy, so a long recipe can be trained in pieces; its GTA layout must match. A run
+    # that resumes from its own checkpoint ignores it (the checkpoint holds newer weights).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -74,7 +78,15 @@ class SystemConfig:
     lr_new: float = 1.0e-4  # GTA modules and the domain embedding
     weight_decay: float = 0.0
     warmup_steps: int = 500
+    # After warm-up: "constant", or "cosine" down to lr_final_ratio x lr at trainer.max_steps.
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.1
     ema_decay: Optional[float] = None  # e.g. 0.9999; None disables EMA
+    # What the denoiser learns to reproduce: a "sample" of the VAE posterior (what SVD's training
+    # code does, sgm's DiagonalGaussianRegularizer; gta_full keeps it) or its "mode" (the mean). A
+    # sample carries the posterior's noise, which no denoiser can predict: at low σ it is an
+    # unlearnable part of the loss (the toy VAE's posterior std is ~0.17 against latents of ~0.9).
+    diffusion_target: str = "sample"
     p_mean: float = 0.7  # training log-sigma ~ N(p_mean, p_std)
     p_std: float = 1.6
     noise_aug_strength: float = 0.02  # noise on the conditioning image latent (also an added time id)

@@ -53,7 +53,7 @@ from nova3d.models.denoiser import ImageCondition, encode_image_condition, unet_
 from nova3d.models import edm
 from nova3d.models.gta import GTAConfig, install_gta, split_domains
 from nova3d.models.temporal_conv import use_fast_temporal_convs
-from nova3d.models.unet import load_gta_weights, read_gta_config, save_gta_weights
+from nova3d.models.unet import WEIGHTS_NAME, load_gta_weights, read_gta_config, save_gta_weights
 
 ImageInput = Union[PIL.Image.Image, Sequence[PIL.Image.Image], Tensor]
 SQRT3 = math.sqrt(3.0)
@@ -69,7 +69,7 @@ class GTAUNet(UNetSpatioTemporalConditionModel):
     the stored GTAConfig, then loads every weight strictly. Local folders only.
     """
 
-    WEIGHTS_NAME = "gta_unet.safetensors"
+    WEIGHTS_NAME = WEIGHTS_NAME
 
     @classmethod
     def build(cls, unet_config: Mapping[str, Any], gta: GTAConfig) -> "GTAUNet":

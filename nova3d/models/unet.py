@@ -25,6 +25,9 @@ from nova3d.models.gta import GTAConfig, install_gta
 _META_KEY = "nova3d_gta_config"
 
 
+WEIGHTS_NAME = "gta_unet.safetensors"  # the one weights file of a GTA-UNet folder (pipeline unet/)
+
+
 def build_gta_unet(unet_config: Mapping[str, Any], gta: GTAConfig) -> UNetSpatioTemporalConditionModel:
     """Randomly initialised UNet from a diffusers config dict (keys starting with `_` ignored)."""
     unet = UNetSpatioTemporalConditionModel.from_config(dict(unet_config))

@@ -12,10 +12,12 @@ Checkpoints hold the UNet (and EMA) only: the frozen Conditioner is rebuilt from
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import lightning as L
@@ -38,6 +40,7 @@ from nova3d.models.edm import (add_noise, denoise, guidance_schedule, karras_sig
 from nova3d.models.ema import ParameterEMA
 from nova3d.models.factory import DiffusionComponents, build_components, check_domains
 from nova3d.models.gta import split_domains, split_parameters, stack_domains
+from nova3d.models.unet import WEIGHTS_NAME, load_gta_weights
 from nova3d.viz import contact_sheet
 
 # Each domain's video in [-1, 1], [B, V, 3, H, W]: the model sees normals as a second video.
@@ -52,15 +55,27 @@ GUIDANCE_KINDS = ("constant", "linear", "triangle")
 
 @dataclass
 class LinearWarmup:
-    """LR multiplier: linear from 1/steps to 1 over `steps` optimizer steps, then 1.
+    """LR multiplier: linear from 1/steps to 1 over `steps` optimizer steps; then 1, or, with
+    `decay_steps` > steps, a cosine from 1 down to `final_ratio` at step `decay_steps` (held after).
 
     A callable object rather than a lambda so LambdaLR saves it as a plain dict (weights_only loads).
     """
 
     steps: int
+    decay_steps: int = 0
+    final_ratio: float = 1.0
 
     def __call__(self, step: int) -> float:
-        return 1.0 if self.steps <= 0 else min(1.0, (step + 1) / self.steps)
+        if step < self.steps:
+            return (step + 1) / self.steps
+        if self.decay_steps <= self.steps:
+            return 1.0
+        progress = min(1.0, (step - self.steps) / (self.decay_steps - self.steps))
+        return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+LR_SCHEDULES = ("constant", "cosine")
+DIFFUSION_TARGETS = ("sample", "mode")
 
 
 def experiment_from_dict(data: dict) -> ExperimentConfig:
@@ -79,6 +94,11 @@ class MultiViewDiffusion(L.LightningModule):
         if s.val_guidance_schedule not in GUIDANCE_KINDS or len(s.val_guidance) != 2:
             raise Nova3DError(f"system.val_guidance must be [min, max] and val_guidance_schedule one of "
                               f"{GUIDANCE_KINDS}, got {s.val_guidance} / {s.val_guidance_schedule!r}")
+        if s.lr_schedule not in LR_SCHEDULES or not 0 <= s.lr_final_ratio <= 1:
+            raise Nova3DError(f"system.lr_schedule must be one of {LR_SCHEDULES} and system.lr_final_ratio in [0, 1], "
+                              f"got {s.lr_schedule!r} / {s.lr_final_ratio}")
+        if s.diffusion_target not in DIFFUSION_TARGETS:
+            raise Nova3DError(f"system.diffusion_target must be one of {DIFFUSION_TARGETS}, got {s.diffusion_target!r}")
         self.cfg = cfg
         self.domains: tuple[str, ...] = tuple(cfg.model.domains)
         self.loss_weights: list[float] = [float(s.loss_weights[d]) for d in self.domains]
@@ -108,6 +128,19 @@ class MultiViewDiffusion(L.LightningModule):
             system.ema.copy_to(system.trainable_parameters())
         return system.eval()
 
+    def init_unet_from(self, folder: str | Path) -> None:
+        """Start from the UNet of an exported pipeline folder (model.init_from), strictly: same
+        architecture and GTA layout. EMA (when on) starts from these weights too."""
+        weights = Path(folder) / "unet" / WEIGHTS_NAME
+        if not weights.is_file():
+            raise Nova3DError(f"model.init_from: {weights} not found (expected an exported pipeline folder, "
+                              "`nova3d export`)")
+        try:
+            load_gta_weights(self.unet, weights, strict=True)
+        except (ValueError, RuntimeError, OSError) as err:  # GTA layout, shapes or a damaged file
+            reason = str(err).strip().splitlines()[0]
+            raise Nova3DError(f"model.init_from: {weights} does not fit this experiment's UNet: {reason}") from err
+
     # ------------------------------------------------------------ parameters and optimiser
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -120,7 +153,8 @@ class MultiViewDiffusion(L.LightningModule):
         groups = [{"name": "pretrained", "params": [p for p in pretrained if p.requires_grad], "lr": s.lr},
                   {"name": "new", "params": [p for p in new if p.requires_grad], "lr": s.lr_new}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, weight_decay=s.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(s.warmup_steps))
+        decay = self.cfg.trainer.max_steps if s.lr_schedule == "cosine" else 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(s.warmup_steps, decay, s.lr_final_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------ the diffusion loss
@@ -158,7 +192,7 @@ class MultiViewDiffusion(L.LightningModule):
         s, b = self.cfg.system, len(batch)
         drop = sample_condition_dropout(b, p_both=s.cond_dropout, generator=generator, device=self.device)
         cond = self.encode_condition(batch, generator).dropped(drop)
-        latents = self.target_latents(batch, sample_posterior=True, generator=generator)
+        latents = self.target_latents(batch, sample_posterior=s.diffusion_target == "sample", generator=generator)
         sigma = sample_training_sigmas(b, s.p_mean, s.p_std, generator=generator, device=self.device)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=latents.dtype)
         return self.diffusion_loss(latents, noise.to(latents.device), sigma, cond), sigma
