@@ -2,7 +2,7 @@
 on generated views of the VAL split (never on the loss alone).
 
     python bench/toy_pilots.py [--steps 600] [--init pretrained/toy] [--arms baseline mode ...]
-                               [--root ~/.cache/nova3d/pilots] [--objects 16] [--jobs 4]
+                               [--root ~/.cache/nova3d/pilots] [--objects 16] [--jobs 4] [--override k=v ...]
 
 Every arm continues from the same exported pipeline (`model.init_from`, so that short runs compare
 a trained model's next steps rather than the chaos of the first ones) for the same number of
@@ -54,7 +54,7 @@ def train_arm(name: str, overrides: list[str], samples: int, init: Path, root: P
         raise SystemExit(f"toy_pilots: arm {name} failed (exit {done.returncode}); see {root / name}.log")
     run = root / name / "toy" / "local"
     export = root / name / "export"
-    subprocess.run([str(Path(PY).parent / "nova3d"), "export", str(run), "--out", str(export)], check=True,
+    subprocess.run([PY, "-m", "nova3d.cli", "export", str(run), "--out", str(export), "--overwrite"], check=True,
                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     return export, time.perf_counter() - start
 
@@ -68,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objects", type=int, default=16, help="val objects scored")
     p.add_argument("--sampling-steps", type=int, default=25)
     p.add_argument("--jobs", type=int, default=4, help="arms trained side by side (one thread each)")
+    p.add_argument("--override", nargs="*", default=[], help="key=value overrides added to every arm")
     args = p.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        exports = dict(zip(args.arms, pool.map(lambda a: train_arm(a, ARMS[a], args.samples, args.init, args.root),
+        exports = dict(zip(args.arms, pool.map(lambda a: train_arm(a, ARMS[a] + args.override, args.samples, args.init, args.root),
                                                args.arms)))
     runs = [f"{a}={path}" for a, (path, _) in exports.items()]
     bench = [PY, str(ROOT / "bench" / "toy_generation.py"), "--split", "val", "--fusion-budget", "none",
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     done = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"toy_pilots: scoring failed: {done.stderr[-2000:]}")
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads((args.root / "bench" / "toy_generation.json").read_text())
     rows = {a: {**summary["runs"][a], "train_seconds": round(exports[a][1]), "overrides": ARMS[a]} for a in args.arms}
     (args.root / "pilots.json").write_text(json.dumps({"samples": args.samples, "init": str(args.init),
                                                        "baselines": summary["baselines"], "arms": rows}, indent=1))
