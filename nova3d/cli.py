@@ -80,12 +80,21 @@ def _eval(args: argparse.Namespace) -> int:
     from nova3d.atomic import MARKER
     from nova3d.devices import resolve_device
     from nova3d.eval.protocol import evaluate_set, get_protocol
+    from nova3d.eval.protocols import describe_protocols
 
+    if args.list_protocols:
+        print(describe_protocols())
+        return 0
+    missing = [f"--{name}" for name in ("pred", "gt", "out") if getattr(args, name) is None]
+    if missing:
+        raise Nova3DError(f"{', '.join(missing)} required (or --list-protocols)")
     overrides = {k: v for k, v in (("icp", args.icp or None), ("normalization", args.normalization),
-                                   ("chamfer_depth", args.chamfer_depth or None)) if v is not None}
+                                   ("chamfer_depth", args.chamfer_depth or None), ("pred_frame", args.pred_frame),
+                                   ("appearance", args.appearance)) if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
     had_result = (Path(args.out) / MARKER).is_file()
-    summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=resolve_device(args.device))
+    summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=resolve_device(args.device),
+                           views_dir=args.views, requested_as=args.protocol)
     print(summary.markdown(), end="")
     if not summary.evaluated:
         failed = ", ".join(f"{o.object_id} ({o.status})" for o in summary.not_evaluated)
@@ -222,16 +231,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    p = add("eval", "score predicted meshes against ground truth (GSO protocol); writes CSV, JSON, markdown",
+    p = add("eval", "score predicted meshes against ground truth under a named protocol; writes CSV, JSON, markdown",
             _eval)
-    p.add_argument("--pred", required=True, help="PRED/<id>.{glb,obj,ply} or PRED/<id>/mesh.{glb,obj,ply}")
-    p.add_argument("--gt", required=True, help="ground truth made by python -m data_prep.gso")
-    p.add_argument("--protocol", default="gso", help="named protocol (nova3d/eval/protocol.py)")
-    p.add_argument("--out", required=True, help="folder for per_object.csv, summary.json, summary.md")
+    p.add_argument("--pred", help="PRED/<id>.{glb,obj,ply} or PRED/<id>/mesh.{glb,obj,ply}")
+    p.add_argument("--gt", help="ground truth made by python -m data_prep.gso --protocol NAME")
+    p.add_argument("--protocol", default="nova3d",
+                   help="nova3d (default; alias gso), syncdreamer, eschernet, aligned: see --list-protocols")
+    p.add_argument("--list-protocols", action="store_true", help="print the protocols and the peer code each follows")
+    p.add_argument("--out", help="folder for per_object.csv, summary.json, summary.md")
+    p.add_argument("--views", help="generated views VIEWS/<id>/ (protocols scoring generated views, e.g. syncdreamer)")
+    p.add_argument("--pred-frame", choices=["nova3d", "syncdreamer"], default=None,
+                   help="world frame the predicted meshes are stored in (syncdreamer: input camera on +X)")
+    p.add_argument("--appearance", choices=["mesh_renders", "generated_views"], default=None,
+                   help="PSNR/SSIM/LPIPS on re-renders of the meshes or on the generated views (default: the protocol's)")
     p.add_argument("--icp", action="store_true", help="rigid ICP of the prediction onto the GT after normalising")
-    p.add_argument("--normalization", choices=["unit_box", "keep", "input_view"], default=None,
-                   help="how meshes are put in one frame (default: the protocol's, unit_box for gso)")
-    p.add_argument("--chamfer-depth", action="store_true", help="also the SyncDreamer depth-render Chamfer")
+    p.add_argument("--normalization", choices=["gt_only", "unit_box", "keep", "input_view"], default=None,
+                   help="how meshes are put in one frame (default: the protocol's; gt_only for nova3d)")
+    p.add_argument("--chamfer-depth", action="store_true", help="also the depth-render Chamfer as a second column")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     p = add("report", "compare runs: markdown ablation table + TensorBoard hparams", _report)

@@ -259,9 +259,12 @@ def test_psnr_ssim_known_pairs():
     gen = torch.Generator().manual_seed(0)
     img = torch.rand(3, 3, 64, 64, generator=gen) * 0.8 + 0.1
     same = appearance.appearance_metrics(img, img.clone(), lpips=None)
-    assert math.isinf(same.psnr) and same.ssim == pytest.approx(1.0, abs=1e-6)
+    # identical views: PSNR at the cap (100 dB = MSE 1e-10), never inf, and counted
+    assert same.psnr == appearance.PSNR_MAX_DB == 100.0 and same.psnr_capped_views == 3
+    assert same.ssim == pytest.approx(1.0, abs=1e-6)
     assert same.num_views == 3 and len(same.psnr_per_view) == 3 and same.image_size == (64, 64)
-    assert json.loads(json.dumps(same.to_json()))["psnr"] == "inf"
+    uncapped = appearance.appearance_metrics(img, img.clone(), lpips=None, psnr_max_db=None)
+    assert math.isinf(uncapped.psnr) and json.loads(json.dumps(uncapped.to_json()))["psnr"] == "inf"
     for delta in (0.01, 0.05):  # constant offset: MSE = delta^2 -> PSNR = -20 log10(delta)
         res = appearance.appearance_metrics(img, img + delta, lpips=None)
         assert res.psnr == pytest.approx(-20 * math.log10(delta), abs=1e-3)
@@ -305,3 +308,42 @@ def test_lpips_with_cached_weights_returns_a_float():
     res = appearance.appearance_metrics(img, (img * 0.7).clamp(0, 1))
     assert isinstance(res.lpips, float) and res.lpips > 0 and res.lpips_unavailable_reason is None
     assert appearance.appearance_metrics(img, img).lpips == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ssim_2023_variant_infers_the_range_and_crops_the_border():
+    """SyncDreamer's SSIM (torchmetrics 2023 defaults): data range inferred per image pair, the 5-px
+    reflect-padding border cropped off the SSIM map. Checked against what each choice implies."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 48, 48, generator=gen) * 0.8 + 0.1
+    b = (a + 0.1 * torch.randn(a.shape, generator=gen)).clamp(0, 1)
+    old = appearance.ssim_per_view(a, b, "torchmetrics_2023")
+    # the same SSIM map as torchmetrics' data_range=None, averaged over the interior only
+    for i in range(2):
+        _, full = tm_ssim(b[i:i + 1], a[i:i + 1], data_range=None, return_full_image=True)
+        assert float(old[i]) == pytest.approx(float(full[..., 5:-5, 5:-5].mean()), abs=1e-6)
+    # range inferred: scaling both images by 0.5 changes nothing (with data_range=1 it does)
+    half = appearance.ssim_per_view(a * 0.5, b * 0.5, "torchmetrics_2023")
+    assert torch.allclose(half, old, atol=1e-5)
+    new = appearance.ssim_per_view(a, b)
+    assert not torch.allclose(appearance.ssim_per_view(a * 0.5, b * 0.5), new, atol=1e-3)
+    # the border's map entries are not scored: a difference in the outer 5 rows costs less than with
+    # the whole map (windows of interior pixels still reach into the border, so it is not 1)
+    c = a.clone()
+    c[..., :5, :] = 1 - c[..., :5, :]
+    cropped = appearance.ssim_per_view(a, c, "torchmetrics_2023")
+    whole = torch.stack([tm_ssim(c[i:i + 1], a[i:i + 1], data_range=None) for i in range(2)])
+    assert (cropped > whole + 0.02).all() and (cropped < 1).all()
+    with pytest.raises(ValueError, match="unknown SSIM variant"):
+        appearance.ssim_per_view(a, b, "skimage")
+
+
+def test_appearance_on_novel_views_only():
+    gen = torch.Generator().manual_seed(2)
+    img = torch.rand(4, 3, 32, 32, generator=gen)
+    other = img.clone()
+    other[0] = 1 - other[0]  # only view 0 (the input view) differs
+    novel = appearance.appearance_metrics(img, other, lpips=None, views=[1, 2, 3])
+    assert novel.num_views == 3 and novel.views == [1, 2, 3] and novel.psnr == 100.0
+    assert appearance.appearance_metrics(img, other, lpips=None).psnr < 100

@@ -24,7 +24,7 @@ from nova3d.eval.results import BROKEN, MISSING, OK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OBJECTS = ("crate", "mug")  # UV texture; vertex colours
-SMALL = P.get_protocol("gso", num_views=4, image_size=64, chamfer_points=5_000)
+SMALL = P.get_protocol("nova3d", num_views=4, image_size=64, chamfer_points=5_000)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_identical_prediction_scores_perfectly_in_both_layouts(gt: Path, tmp_pat
     assert summary.aggregate("mean")["volume_iou"] == 1.0
 
 
-def test_translated_and_scaled_prediction_is_undone_by_unit_box(gt: Path, tmp_path: Path) -> None:
+def test_translated_and_scaled_prediction_is_undone_by_unit_box_only(gt: Path, tmp_path: Path) -> None:
     pred = tmp_path / "pred"
     pred.mkdir()
     for name in OBJECTS:
@@ -69,7 +69,11 @@ def test_translated_and_scaled_prediction_is_undone_by_unit_box(gt: Path, tmp_pa
         mesh.apply_scale(1.7)
         mesh.apply_translation([0.3, -0.2, 0.1])
         mesh_io.save_mesh(mesh, pred / f"{name}.glb")
-    moved = evaluate(pred, gt)
+    strict = evaluate(pred, gt)  # the default protocol (gt_only) counts scale and placement errors
+    for o in strict.objects:
+        assert o.alignment.mode == "gt_only" and o.alignment.pred_transform.scale == 1.0
+        assert o.chamfer.chamfer > 0.1 and o.iou.iou < 0.5, o.object_id
+    moved = evaluate(pred, gt, normalization="unit_box")
     for o in moved.objects:
         assert o.chamfer.chamfer < 1e-4 and o.iou.iou > 0.99 and o.appearance.psnr > 35, o.object_id
         assert o.alignment.mode == "unit_box"
@@ -142,7 +146,8 @@ def test_result_files_record_protocol_choices_and_versions(gt: Path, tmp_path: P
     evaluate(pred, gt, out, icp=True)
     data = json.loads((out / "summary.json").read_text())
     p = data["protocol"]
-    assert p["name"] == "gso" and p["normalization"] == "unit_box" and p["icp"] is True
+    assert p["name"] == "nova3d" and p["normalization"] == "gt_only" and p["icp"] is True
+    assert p["requested_as"] == "nova3d" and p["alias_of"] is None and p["iou_inside"] == "vote6"
     assert p["fscore_threshold"] == 0.05 and p["iou_resolution"] == 64 and p["chamfer_points"] == 5_000
     assert data["protocol_overrides"] == {"icp": True, "num_views": 4, "image_size": 64, "chamfer_points": 5_000}
     assert set(data["versions"]) >= {"nova3d", "torch", "trimesh", "torchmetrics"}
@@ -150,9 +155,9 @@ def test_result_files_record_protocol_choices_and_versions(gt: Path, tmp_path: P
     if data["lpips"]["status"] == "unavailable":  # never a made-up number
         assert data["lpips"]["reason"] and data["mean"]["lpips"] is None
     mug = next(o for o in data["objects"] if o["object_id"] == "mug")
-    assert mug["alignment"]["mode"] == "unit_box" and mug["alignment"]["icp"]["iterations"] >= 1
+    assert mug["alignment"]["mode"] == "gt_only" and mug["alignment"]["icp"]["iterations"] >= 1
     row = next(r for r in csv.DictReader((out / "per_object.csv").open()) if r["object_id"] == "mug")
-    assert row["normalization"] == "unit_box" and row["icp"] == "True"
+    assert row["normalization"] == "gt_only" and row["icp"] == "True" and row["appearance_source"] == "mesh_renders"
     assert "ICP on" in (out / "summary.md").read_text()
 
 
@@ -162,15 +167,19 @@ def test_ground_truth_problems_are_one_line_errors(gt: Path, tmp_path: Path) -> 
     (bad / "mug" / P.GT_MESH).unlink()
     with pytest.raises(Nova3DError, match=r"mug/mesh.glb is missing"):
         P.evaluate_set(tmp_path, bad, SMALL, progress=False)
-    with pytest.raises(Nova3DError, match=r"cameras.json: 4 views, protocol gso evaluates 16"):
-        P.evaluate_set(tmp_path, gt, "gso", progress=False)
+    with pytest.raises(Nova3DError, match=r"cameras.json: 4 views, protocol nova3d evaluates 16"):
+        P.evaluate_set(tmp_path, gt, "gso", progress=False)  # the alias
+    with pytest.raises(Nova3DError, match=r"views at elevation 20..20°, FOV 49.10°; protocol syncdreamer needs 30°"):
+        P.evaluate_set(tmp_path, gt, P.get_protocol("syncdreamer", num_views=4), progress=False, views_dir=tmp_path)
+    with pytest.raises(Nova3DError, match=r"protocol syncdreamer scores PSNR/SSIM/LPIPS on the generated views: give --views"):
+        P.evaluate_set(tmp_path, gt, "syncdreamer", progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(Nova3DError, match="no object folders"):
         P.gt_objects(tmp_path / "empty")
 
 
 def test_cli_exit_codes(gt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setitem(P.PROTOCOLS, "gso", SMALL)  # the CLI's named protocol, at test size
+    monkeypatch.setitem(P.PROTOCOLS, "nova3d", SMALL)  # the CLI's default protocol, at test size
     pred = tmp_path / "pred"
     pred.mkdir()
     shutil.copy(gt / "mug" / P.GT_MESH, pred / "mug.glb")
@@ -186,7 +195,14 @@ def test_cli_exit_codes(gt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
                           "the earlier result in")
     assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == good  # a failed eval loses nothing
     assert cli.main(args + ["--protocol", "nope"]) == 2
-    assert capsys.readouterr().err.strip() == "nova3d eval: error: unknown protocol 'nope'; known: gso"
+    assert capsys.readouterr().err.strip() == ("nova3d eval: error: unknown protocol 'nope'; "
+                                               "known: nova3d, syncdreamer, eschernet, aligned, gso")
+    assert cli.main(["eval", "--list-protocols"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("nova3d", "syncdreamer", "eschernet", "aligned", "gso          alias of nova3d"))
+    assert "eval_mesh.py" in listed and "eval_3D_GSO.py" in listed
+    assert cli.main(["eval", "--pred", str(pred)]) == 2
+    assert capsys.readouterr().err.strip() == "nova3d eval: error: --gt, --out required (or --list-protocols)"
     assert cli.main(["eval", "--pred", str(pred), "--gt", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "ground-truth folder not found" in capsys.readouterr().err
 

@@ -1,8 +1,16 @@
 """Image metrics between rendered and reference views: PSNR, SSIM, LPIPS.
 
 Protocol (DESIGN.md §4): every view composited on white, 256^2, values in [0, 1].
-PSNR and SSIM come from torchmetrics with data_range = 1 (SSIM: 11x11 Gaussian, sigma 1.5);
-each is computed per view and then averaged over views (PSNR of identical views is inf).
+PSNR comes from torchmetrics with data_range = 1, per view, capped at `psnr_max_db` (default
+100 dB, i.e. MSE 1e-10): identical views would give inf, and one identical object would turn the
+set's mean into inf; the number of capped views is recorded. SSIM (11x11 Gaussian, sigma 1.5),
+per view then averaged, in one of two variants (the protocol names it):
+  "torchmetrics"       torchmetrics 1.9 with data_range = 1 and no border crop (the SSIM map over
+                       the whole reflect-padded image, as torchmetrics computes it since 2024);
+  "torchmetrics_2023"  what SyncDreamer's eval_nvs.py got from `structural_similarity_index_measure
+                       (pr, gt)` with the 2023 torchmetrics defaults: data range inferred per image
+                       pair (max of the two images' max - min) and the SSIM map cropped by the 5-px
+                       padding border before averaging. Typically 1-5 % higher on white backgrounds.
 LPIPS is torchmetrics' LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=True).
 Its linear heads ship inside torchmetrics, but its VGG16 backbone is torchvision's ImageNet
 checkpoint, fetched into the torch hub cache on first use. With no network here that fetch
@@ -64,9 +72,14 @@ def load_lpips(net_type: str = LPIPS_NET, device: str | torch.device = "cpu") ->
     return lpips, None
 
 
+SSIM_VARIANTS = ("torchmetrics", "torchmetrics_2023")
+PSNR_MAX_DB = 100.0
+_SSIM_2023_CROP = 5  # (11 - 1) // 2: the reflect padding the 2023 code cropped off again
+
+
 @dataclass(frozen=True)
 class AppearanceResult:
-    psnr: float  # mean over views of per-view PSNR (dB)
+    psnr: float  # mean over views of per-view PSNR (dB), each capped at psnr_max_db
     ssim: float
     lpips: float | None  # None when unavailable; see lpips_unavailable_reason
     lpips_unavailable_reason: str | None
@@ -76,6 +89,10 @@ class AppearanceResult:
     num_views: int
     image_size: tuple[int, int]  # (H, W)
     lpips_net: str = LPIPS_NET
+    ssim_variant: str = "torchmetrics"
+    psnr_max_db: float | None = PSNR_MAX_DB
+    psnr_capped_views: int = 0  # views whose PSNR reached the cap (identical or nearly)
+    views: list[int] | None = None  # which views were compared (None: all)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -98,33 +115,47 @@ def _check_images(pred: Tensor, gt: Tensor) -> None:
             raise Nova3DError(f"{name} images must be in [0, 1] (composite on white first)")
 
 
-def psnr_per_view(pred: Tensor, gt: Tensor) -> Tensor:
-    """[V] PSNR in dB of [V, 3, H, W] images in [0, 1]; inf for identical views."""
+def psnr_per_view(pred: Tensor, gt: Tensor, max_db: float | None = None) -> Tensor:
+    """[V] PSNR in dB of [V, 3, H, W] images in [0, 1]; identical views give inf, or `max_db`."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    return peak_signal_noise_ratio(pred.double(), gt.double(), data_range=1.0,
+    psnr = peak_signal_noise_ratio(pred.double(), gt.double(), data_range=1.0,
                                    reduction="none", dim=(1, 2, 3)).float()
+    return psnr if max_db is None else psnr.clamp(max=max_db)
 
 
-def ssim_per_view(pred: Tensor, gt: Tensor) -> Tensor:
-    """[V] SSIM of [V, 3, H, W] images in [0, 1] (torchmetrics defaults, data_range 1)."""
+def ssim_per_view(pred: Tensor, gt: Tensor, variant: str = "torchmetrics") -> Tensor:
+    """[V] SSIM of [V, 3, H, W] images in [0, 1] by `variant` (module docstring)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     # float32: torchmetrics' float64 path is ~40x slower on CPU for no useful precision.
-    return structural_similarity_index_measure(pred.float(), gt.float(), data_range=1.0,
-                                               reduction="none")
+    if variant == "torchmetrics":
+        return structural_similarity_index_measure(pred.float(), gt.float(), data_range=1.0,
+                                                   reduction="none")
+    if variant != "torchmetrics_2023":
+        raise ValueError(f"unknown SSIM variant {variant!r}; expected one of {', '.join(SSIM_VARIANTS)}")
+    c = _SSIM_2023_CROP
+    out = []
+    for p, g in zip(pred.float(), gt.float()):  # the data range is inferred per image pair
+        _, full = structural_similarity_index_measure(p[None], g[None], data_range=None,
+                                                      return_full_image=True)
+        out.append(full[..., c:-c, c:-c].mean())
+    return torch.stack(out)
 
 
 def appearance_metrics(pred: Tensor, gt: Tensor, lpips: LpipsFn | None | str = "auto",
-                       batch_size: int = 8) -> AppearanceResult:
+                       batch_size: int = 8, ssim_variant: str = "torchmetrics",
+                       psnr_max_db: float | None = PSNR_MAX_DB, views: list[int] | None = None) -> AppearanceResult:
     """PSNR, SSIM and LPIPS between pred and gt, each [V, 3, H, W] in [0, 1], composited.
 
     lpips: "auto" loads torchmetrics' VGG LPIPS if its weights are cached; a callable is used
-    as is; None skips LPIPS (reported unavailable, "disabled").
+    as is; None skips LPIPS (reported unavailable, "disabled"). `views`: only these indices.
     """
     _check_images(pred, gt)
     pred, gt = pred.float().cpu(), gt.float().cpu()
-    psnr, ssim = psnr_per_view(pred, gt), ssim_per_view(pred, gt)
+    if views is not None:
+        pred, gt = pred[views], gt[views]
+    psnr, ssim = psnr_per_view(pred, gt, psnr_max_db), ssim_per_view(pred, gt, ssim_variant)
     reason = None
     if isinstance(lpips, str):
         if lpips != "auto":
@@ -141,4 +172,6 @@ def appearance_metrics(pred: Tensor, gt: Tensor, lpips: LpipsFn | None | str = "
         lpips=None if lp is None else float(lp.mean()), lpips_unavailable_reason=reason,
         psnr_per_view=psnr.tolist(), ssim_per_view=ssim.tolist(),
         lpips_per_view=None if lp is None else lp.tolist(),
-        num_views=len(pred), image_size=(pred.shape[2], pred.shape[3]))
+        num_views=len(pred), image_size=(pred.shape[2], pred.shape[3]), ssim_variant=ssim_variant,
+        psnr_max_db=psnr_max_db,
+        psnr_capped_views=0 if psnr_max_db is None else int((psnr >= psnr_max_db).sum()), views=views)

@@ -1,29 +1,41 @@
 """Geometry metrics: Chamfer Distance, F-score and Volume IoU between two meshes.
 
 Chamfer Distance (CD) = 1/2 (mean NN distance pred->gt + mean NN distance gt->pred), with
-plain (not squared) Euclidean distances, as in SyncDreamer's eval_mesh.py. Two ways to get
-the points, both named in the result:
+plain (not squared) Euclidean distances, as in SyncDreamer's eval_mesh.py. Three ways to get
+the points, each named in the result:
+  "vertices": the meshes' vertices as stored (EscherNet metrics/eval_3D_GSO.py: chamfer on
+             mesh.vertices); depends on tessellation, kept only to reproduce its tables.
   "surface": area-weighted uniform samples on each mesh, fixed seed (same seed for both, so
              identical meshes give exactly 0).
   "depth":   SyncDreamer's protocol: depth maps rendered at the evaluation cameras,
              back-projected, then voxel-down-sampled (Open3D voxel_down_sample semantics).
              It sees only surfaces visible from the cameras, as the GSO protocol intends.
 F-score uses the same NN distances at one threshold (default 0.05 = 5% of the unit box; the
-value is written into the result; SyncDreamer's eval_mesh.py reports CD and IoU only).
+value is written into the result). No peer protocol here reports it (SyncDreamer's eval_mesh.py
+and EscherNet's eval_3D_GSO.py give CD and IoU only): it is nova3d's addition.
 Nearest neighbours are exact: pytorch3d knn_points on CUDA, scipy's cKDTree on CPU
 (pytorch3d's CPU knn is brute force, ~70 s for 100k x 100k on one core).
 
-Volume IoU on an R^3 grid (R = 64) of voxel centres. Inside/outside comes from ray-parity
-voting: along +-x, +-y, +-z from each voxel centre, count surface crossings; each of the 6
-rays votes "inside" on an odd count; a voxel is inside with a strict majority (>= 4 votes).
-For a closed mesh all 6 agree (= exact parity test); a mesh with a hole (a box with one face
-missing) fools only the rays that leave through the hole, so it still fills correctly.
-trimesh's `contains` needs watertight meshes; generalised winding numbers cost O(voxels x
-faces) without a hierarchy. Crossings are found per grid column (a scan-line voxeliser), so
-the cost is O(faces + R^3). (SyncDreamer takes mesh2sdf's sign on a 64^3 grid over [-1, 1]^3;
-our grid is the unit box or the pair's union bounding box, so voxels are 2x finer on
-unit-box objects.) Columns are offset by a tiny fixed amount so rays never hit a
-mesh edge or vertex exactly (grid-aligned meshes such as cubes would otherwise double-count).
+Volume IoU on an R^3 grid of points (R = 64), two inside tests (the protocol names one):
+  "vote6"         ray-parity voting: along +-x, +-y, +-z from each grid point, count surface
+                  crossings; each of the 6 rays votes "inside" on an odd count; inside with a strict
+                  majority (>= 4 votes). For a closed mesh all 6 agree (= exact parity test); a mesh
+                  with a hole (a box with one face missing) fools only the rays that leave through
+                  the hole, so it still fills correctly.
+  "single_ray_x"  parity of the crossings met by ONE ray along +x from outside the grid: what
+                  mesh2sdf.compute(..., fix=False) does (its core is SDFGen's makelevelset3, which
+                  counts crossings along the grid's first axis), as SyncDreamer's eval_mesh.py and
+                  EscherNet's metrics.py call it. Exact for closed meshes; a hole facing +x leaves
+                  every grid point behind it "inside" up to the grid's end (tested).
+Grids ("grid"): "union_bbox" a cube around the pair's union bounding box (voxel centres, nothing
+clipped); "unit_box" voxel centres of [-0.5, 0.5]^3; "mesh2sdf" mesh2sdf's grid, R nodes from -1
+to 1 inclusive (spacing 2/(R-1)): on unit-box objects only ~R/2 nodes span the object. A fixed
+grid cannot see what lies outside it: the result records, per mesh, the share of vertices outside
+the grid (`pred_outside_grid`, `gt_outside_grid`) and the summary warns when it is not 0.
+trimesh's `contains` needs watertight meshes; generalised winding numbers cost O(voxels x faces)
+without a hierarchy. Crossings are found per grid column (a scan-line voxeliser), so the cost is
+O(faces + R^3). Columns are offset by a tiny fixed amount so rays never hit a mesh edge or vertex
+exactly (grid-aligned meshes such as cubes would otherwise double-count).
 """
 from __future__ import annotations
 
@@ -37,8 +49,10 @@ from torch import Tensor
 from nova3d.cameras import Cameras, convert_c2w, scale_intrinsics
 from nova3d.eval.mesh_render import MeshData, as_mesh_data, render_mesh
 
-GridBounds = Literal["union_bbox", "unit_box"]
-IOU_METHOD = "ray_parity_vote_6"
+GridBounds = Literal["union_bbox", "unit_box", "mesh2sdf"]
+InsideTest = Literal["vote6", "single_ray_x"]
+IOU_METHODS = {"vote6": "ray_parity_vote_6", "single_ray_x": "ray_parity_single_x (mesh2sdf fix=False)"}
+IOU_METHOD = IOU_METHODS["vote6"]
 # Sub-voxel offsets of the ray columns (fractions of a voxel), generic on purpose.
 _COLUMN_JITTER = np.array([1.3e-4, 2.9e-4, 4.7e-4])
 
@@ -119,6 +133,13 @@ def chamfer_surface(pred, gt, num_points: int = 100_000, seed: int = 0,
     p = sample_surface(pred.verts, pred.faces, num_points, seed).to(device)
     g = sample_surface(gt.verts, gt.faces, num_points, seed).to(device)
     return point_metrics(p, g, threshold, sampling="surface", seed=seed)
+
+
+def chamfer_vertices(pred, gt, threshold: float = 0.05, device: str = "cpu") -> ChamferResult:
+    """CD/F-score between the meshes' stored vertices (EscherNet's eval_3D_GSO.py)."""
+    pred, gt = as_mesh_data(pred), as_mesh_data(gt)
+    return point_metrics(pred.verts.float().to(device), gt.verts.float().to(device), threshold,
+                         sampling="vertices")
 
 
 def depth_to_points(depth: Tensor, cameras: Cameras, mask: Tensor | None = None) -> Tensor:
@@ -214,12 +235,18 @@ def _crossing_counts(tris: np.ndarray, axis: int, lo: np.ndarray, h: float, R: i
     return counts.reshape(R, R, R + 1)
 
 
-def occupancy_grid(verts: Tensor, faces: Tensor, lo: Tensor, size: float, resolution: int = 64) -> Tensor:
+def occupancy_grid(verts: Tensor, faces: Tensor, lo: Tensor, size: float, resolution: int = 64,
+                   inside: InsideTest = "vote6") -> Tensor:
     """Bool [R, R, R] (x, y, z index order): voxel centres of the cube [lo, lo + size]^3 inside
-    the mesh by 6-ray parity voting (module docstring). Non-watertight meshes are fine."""
+    the mesh by `inside` (module docstring: "vote6" is fine with non-watertight meshes)."""
     R = resolution
     tris = verts.detach().double().cpu().numpy()[faces.cpu().numpy()]
     lo_np, h = np.asarray(lo, dtype=np.float64).reshape(3), size / R
+    if inside == "single_ray_x":
+        below = np.cumsum(_crossing_counts(tris, 0, lo_np, h, R)[..., :R], axis=-1)  # [y, z, x]
+        return torch.from_numpy(np.moveaxis(below % 2 == 1, -1, 0).copy())
+    if inside != "vote6":
+        raise ValueError(f"unknown inside test {inside!r}; expected 'vote6' or 'single_ray_x'")
     votes = np.zeros((R, R, R), dtype=np.int64)
     for axis in range(3):
         counts = _crossing_counts(tris, axis, lo_np, h, R)
@@ -240,18 +267,24 @@ class VolumeIoUResult:
     method: str
     occupied_pred: int  # voxels inside pred
     occupied_gt: int
+    pred_outside_grid: float = 0.0  # share of the prediction's vertices outside the grid (not seen)
+    gt_outside_grid: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def grid_cube(meshes: list[MeshData], grid: GridBounds) -> tuple[Tensor, float]:
-    """(min corner [3], side) of the cubic evaluation grid: the unit box [-0.5, 0.5]^3, or a
-    cube around the union bounding box (side = its longest extent, so voxels stay isotropic)."""
+def grid_cube(meshes: list[MeshData], grid: GridBounds, resolution: int = 64) -> tuple[Tensor, float]:
+    """(min corner [3], side) of the cubic evaluation grid whose R voxel centres are sampled: the
+    unit box [-0.5, 0.5]^3; mesh2sdf's R nodes spanning [-1, 1] inclusive; or a cube around the
+    union bounding box (side = its longest extent, so voxels stay isotropic)."""
     if grid == "unit_box":
         return torch.full((3,), -0.5, dtype=torch.float64), 1.0
+    if grid == "mesh2sdf":
+        h = 2.0 / (resolution - 1)
+        return torch.full((3,), -1.0 - h / 2, dtype=torch.float64), resolution * h
     if grid != "union_bbox":
-        raise ValueError(f"unknown IoU grid {grid!r}; expected 'union_bbox' or 'unit_box'")
+        raise ValueError(f"unknown IoU grid {grid!r}; expected 'union_bbox', 'unit_box' or 'mesh2sdf'")
     pts = torch.cat([m.verts.double().cpu()[m.faces.unique().cpu()] for m in meshes])
     vmin, vmax = pts.min(0).values, pts.max(0).values
     size = float((vmax - vmin).max())
@@ -260,13 +293,22 @@ def grid_cube(meshes: list[MeshData], grid: GridBounds) -> tuple[Tensor, float]:
     return (vmin + vmax) / 2 - size / 2, size
 
 
-def volume_iou(pred, gt, resolution: int = 64, grid: GridBounds = "union_bbox") -> VolumeIoUResult:
-    """Volume IoU of two meshes (MeshData or trimesh) on a resolution^3 grid."""
+def outside_share(mesh: MeshData, lo: Tensor, size: float) -> float:
+    """Share of the mesh's (referenced) vertices outside the cube [lo, lo + size]^3."""
+    v = mesh.verts.double().cpu()[mesh.faces.unique().cpu()]
+    out = ((v < lo) | (v > lo + size)).any(-1)
+    return float(out.double().mean())
+
+
+def volume_iou(pred, gt, resolution: int = 64, grid: GridBounds = "union_bbox",
+               inside: InsideTest = "vote6") -> VolumeIoUResult:
+    """Volume IoU of two meshes (MeshData or trimesh) on a resolution^3 grid (module docstring)."""
     pred, gt = as_mesh_data(pred), as_mesh_data(gt)
-    lo, size = grid_cube([pred, gt], grid)
-    occ_p = occupancy_grid(pred.verts, pred.faces, lo, size, resolution)
-    occ_g = occupancy_grid(gt.verts, gt.faces, lo, size, resolution)
+    lo, size = grid_cube([pred, gt], grid, resolution)
+    occ_p = occupancy_grid(pred.verts, pred.faces, lo, size, resolution, inside)
+    occ_g = occupancy_grid(gt.verts, gt.faces, lo, size, resolution, inside)
     union = int((occ_p | occ_g).sum())
     iou = float((occ_p & occ_g).sum()) / union if union else float("nan")
     return VolumeIoUResult(iou, resolution, grid, tuple(float(x) for x in lo), float(size),
-                           IOU_METHOD, int(occ_p.sum()), int(occ_g.sum()))
+                           IOU_METHODS[inside], int(occ_p.sum()), int(occ_g.sum()),
+                           outside_share(pred, lo, size), outside_share(gt, lo, size))

@@ -4,9 +4,17 @@ Modes (every function returns the transform it applied, so result files can stat
   Normalization.KEEP      meshes are already in our world frame: the input-view-relative,
                           unit-box frame of nova3d.cameras (generated meshes and GSO meshes
                           prepared by data_prep share it). Nothing is changed.
+  Normalization.GT_ONLY   the GT alone is unit-boxed (SyncDreamer eval_mesh.py: `norm_coords` in
+                          `transform_gt`); the prediction is scored as stored, so its scale and
+                          placement errors count. On data_prep.gso's GT (already unit-boxed) this
+                          is KEEP up to float rounding.
   Normalization.UNIT_BOX  each mesh separately: bounding box centred at the origin, longest
-                          side scaled to 1 (SyncDreamer's `norm_coords`). Removes translation
-                          and scale differences, keeps rotation.
+                          side scaled to 1 (EscherNet eval_3D_GSO.py `normalize_mesh` on both).
+                          Removes translation and scale differences, keeps rotation.
+Frames: a peer's meshes live in its own world frame. FRAME_TO_NOVA3D maps each to nova3d's
+(+Z up, input camera on -Y, nova3d.cameras): SyncDreamer's input camera sits on +X (its
+meta_info/camera-16.pkl: view 0 at (1.299, 0, 0.75), azimuth counter-clockwise, +Z up), so its
+meshes turn by -90 deg about Z: (x, y, z) -> (y, -x, z); its view k then lands on our view k.
 Optional rigid ICP (point-to-point, pred moved onto gt, a few iterations) then removes a
 small residual pose error; it is off by default because it can hide real pose mistakes.
 """
@@ -25,7 +33,22 @@ from nova3d.eval.mesh_render import MeshData, as_mesh_data
 
 class Normalization(str, Enum):
     KEEP = "keep"
+    GT_ONLY = "gt_only"
     UNIT_BOX = "unit_box"
+
+
+# Rotation [3, 3] taking a peer's world frame to nova3d's (module docstring).
+FRAME_TO_NOVA3D = {
+    "nova3d": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+    "syncdreamer": ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
+}
+
+
+def frame_rotation(frame: str) -> Tensor:
+    """[3, 3] float64 rotation from `frame`'s world axes into nova3d's; ValueError if unknown."""
+    if frame not in FRAME_TO_NOVA3D:
+        raise ValueError(f"unknown mesh frame {frame!r}; known: {', '.join(FRAME_TO_NOVA3D)}")
+    return torch.tensor(FRAME_TO_NOVA3D[frame], dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -52,7 +75,8 @@ class Similarity:
 
 
 def normalize_verts(verts: Tensor, mode: Normalization | str) -> tuple[Tensor, Similarity]:
-    """Apply `mode` to vertices [N, 3]; returns (new vertices [N, 3], the transform applied)."""
+    """Apply `mode` to vertices [N, 3]; returns (new vertices [N, 3], the transform applied).
+    For one mesh GT_ONLY means UNIT_BOX (align_pair leaves the prediction as it is)."""
     mode = Normalization(mode)
     if mode is Normalization.KEEP:
         return verts.clone(), Similarity()
@@ -139,12 +163,14 @@ def align_pair(pred, gt, mode: Normalization | str = Normalization.KEEP, icp: bo
     `icp_points` surface samples of each. Returns (pred', gt', record)."""
     mode = Normalization(mode)
     pred, gt = as_mesh_data(pred), as_mesh_data(gt)
-    pv, pred_tf = normalize_verts(pred.verts, mode)
-    gv, gt_tf = normalize_verts(gt.verts, mode)
+    gt_only = mode is Normalization.GT_ONLY
+    pv, pred_tf = normalize_verts(pred.verts, Normalization.KEEP if gt_only else mode)
+    gv, gt_tf = normalize_verts(gt.verts, Normalization.UNIT_BOX if gt_only else mode)
     icp_result = None
     if icp:
+        # One seed for both: identical meshes give identical samples, so ICP leaves them exactly alone.
         src = sample_surface(pv, pred.faces, icp_points, seed)
-        dst = sample_surface(gv, gt.faces, icp_points, seed + 1)
+        dst = sample_surface(gv, gt.faces, icp_points, seed)
         icp_result = icp_rigid(src, dst, icp_iterations)
         pv = icp_result.transform.apply(pv)
         pred_tf = pred_tf.then(icp_result.transform)

@@ -1,6 +1,10 @@
-"""The evaluation harness: named protocols, one object, a whole set (`nova3d eval`).
+"""The evaluation harness: one object, a whole set (`nova3d eval`), under a named protocol.
 
-Ground truth (data_prep/gso.py writes it)::
+The protocols themselves (nova3d.eval.protocols: `nova3d`, the default, with its alias `gso`;
+`syncdreamer`; `eschernet`; `aligned`) and docs/evaluation.md say what each choice means and
+which peer file it follows; nova3d.eval.scoring does the frames and the geometry metrics.
+
+Ground truth (data_prep/gso.py writes it, at the protocol's orbit)::
 
     GT/<object_id>/            an object folder (nova3d.data.schema): rgb/ mask/ ... cameras.json meta.json
     GT/<object_id>/mesh.glb    the GT mesh in the same normalised world frame as the renders
@@ -8,27 +12,20 @@ Ground truth (data_prep/gso.py writes it)::
 Predictions (any method's meshes)::
 
     PRED/<object_id>.{glb,obj,ply}   or   PRED/<object_id>/mesh.{glb,obj,ply}   (glb preferred: keeps textures)
+    VIEWS/<object_id>/         the generated views (protocols with appearance="generated_views"):
+                               an object folder from `nova3d generate`, or 000.png ... 015.png
 
 Meshes are read with nova3d.mesh_io.load_mesh into nova3d's world frame (nova3d.cameras: +Z up,
 front -Y, input view at azimuth 0): .glb/.gltf/.obj are Y-up files turned Z-up, .ply/.stl are taken
-as stored — the convention our fusion exports and data_prep/gso.py writes mesh.glb in.
-`normalization` then says how the pair is put into one frame before the metrics:
-  "keep"        nothing changes (both already in the world frame);
-  "unit_box"    each mesh's bounding box centred and its longest side scaled to 1 (SyncDreamer's
-                norm_coords; the GSO default: it removes scale/translation, keeps rotation);
-  "input_view"  for methods whose meshes are expressed in the input camera's axes (x right,
-                y up, z towards the viewer, centred on the object): the prediction's stored
-                coordinates (no per-format turn: they already say which axis is which) are
-                rotated into the world with cameras.json view 0's rotation, then both are unit-boxed.
-Optional rigid ICP (off by default: it can hide real pose errors) follows. Every choice is a
-field of EvalProtocol and is written into the results, with the transforms applied.
-Appearance: the aligned prediction is mapped back into the GT render frame and rendered with
-nova3d.eval.mesh_render at the GT cameras (unlit: the mesh's texture / vertex colours), composited
-on white, and compared with the GT views composited on white (resized to `image_size` if needed).
+as stored — the convention our fusion exports and data_prep/gso.py writes mesh.glb in. A peer's
+meshes are then turned from its world frame by `pred_frame` (SyncDreamer's: input camera on +X).
+Appearance: with "mesh_renders" the aligned prediction is mapped back into the GT render frame and
+rendered with nova3d.eval.mesh_render at the GT cameras (unlit: texture / vertex colours) on white;
+with "generated_views" the method's generated views are compared instead (what SyncDreamer's and
+Wonder3D's novel-view tables report). Both against the GT views on white at `image_size`.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -47,64 +43,15 @@ from nova3d.data import schema
 from nova3d.errors import Nova3DError
 from nova3d.eval import appearance, geometry
 from nova3d.eval.mesh_render import MeshData, as_mesh_data, render_mesh, resolve_backend
-from nova3d.eval.normalize import Normalization, Similarity, align_pair
+from nova3d.eval.protocols import (ALIASES, DEFAULT_PROTOCOL, NORMALIZATIONS, PROTOCOLS, EvalProtocol,  # noqa: F401
+                                   get_protocol, protocol_overrides)
 from nova3d.eval.results import BROKEN, MISSING, OK, EvalSummary, ObjectResult
+from nova3d.eval.scoring import compared_views, find_generated_views, load_generated_views, resize, score_geometry, undo
 
 GT_MESH = "mesh.glb"
 PRED_SUFFIXES = (".glb", ".obj", ".ply")  # in order of preference
-NORMALIZATIONS = ("unit_box", "keep", "input_view")
 _SKIP_DIRS = {"logs", "rejected"}  # data_prep's own folders inside a GT directory
-
-
-@dataclass(frozen=True)
-class EvalProtocol:
-    """Every choice that shapes the numbers (all written into summary.json)."""
-
-    name: str = "gso"
-    reference: str = "SyncDreamer / Wonder3D GSO evaluation family (DESIGN.md §4)"
-    normalization: str = "unit_box"  # NORMALIZATIONS (module docstring)
-    icp: bool = False
-    icp_points: int = 5_000
-    icp_iterations: int = 20
-    num_views: int | None = 16  # views the GT must have (None: whatever it has)
-    image_size: int = 256
-    elevation_deg: float = 0.0  # what data_prep/gso.py renders the GT at
-    chamfer_points: int = 100_000  # surface samples per mesh
-    chamfer_seed: int = 0
-    fscore_threshold: float = 0.05  # 5% of the unit box
-    chamfer_depth: bool = False  # also the SyncDreamer depth-render variant
-    depth_voxel_size: float = 0.01
-    iou_resolution: int = 64
-    iou_grid: str = "union_bbox"
-    lpips: bool = True  # when the backbone weights are cached (never downloaded)
-    lpips_net: str = appearance.LPIPS_NET
-    render_backend: str = "auto"  # mesh_render backend for the prediction's views
-    render_supersample: int = 1  # >1: box-filtered anti-aliasing (Blender filters 1.5 px; measured no closer)
-
-    def check(self) -> "EvalProtocol":
-        if self.normalization not in NORMALIZATIONS:
-            raise Nova3DError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {self.normalization!r}")
-        if self.image_size < 1 or self.chamfer_points < 1 or self.iou_resolution < 1:
-            raise Nova3DError("image_size, chamfer_points and iou_resolution must be positive")
-        return self
-
-
-PROTOCOLS = {"gso": EvalProtocol()}
-
-
-def get_protocol(name: str, **overrides) -> EvalProtocol:
-    """The named protocol with some fields changed (e.g. icp=True); Nova3DError if unknown."""
-    if name not in PROTOCOLS:
-        raise Nova3DError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
-    return dataclasses.replace(PROTOCOLS[name], **overrides).check()
-
-
-def protocol_overrides(protocol: EvalProtocol) -> dict:
-    """Fields that differ from the protocol of the same name."""
-    base = PROTOCOLS.get(protocol.name)
-    if base is None:
-        return {"(custom protocol)": True}
-    return {k: v for k, v in asdict(protocol).items() if getattr(base, k) != v}
+_undo, _resize = undo, resize  # kept for older imports
 
 
 # ---------------------------------------------------------------- inputs
@@ -146,6 +93,12 @@ def _check_views(folder: Path, protocol: EvalProtocol) -> Cameras:
     if protocol.num_views is not None and len(cams) != protocol.num_views:
         raise Nova3DError(f"{folder / schema.CAMERAS_FILE}: {len(cams)} views, protocol "
                           f"{protocol.name} evaluates {protocol.num_views}")
+    if protocol.strict_orbit:
+        el = cams.elevation_deg.float()
+        if float((el - protocol.elevation_deg).abs().max()) > 0.5 or abs(cams.fov_deg - protocol.fov_deg) > 0.1:
+            raise Nova3DError(f"{folder / schema.CAMERAS_FILE}: views at elevation {float(el.min()):g}..{float(el.max()):g}°, "
+                              f"FOV {cams.fov_deg:.2f}°; protocol {protocol.name} needs {protocol.elevation_deg:g}°, "
+                              f"FOV {protocol.fov_deg:.2f}° (python -m data_prep.gso --protocol {protocol.name})")
     return cams
 
 
@@ -207,52 +160,42 @@ def _colour_source(mesh: MeshData) -> str:
     return "vertex" if mesh.vertex_colors is not None else "face" if mesh.face_colors is not None else "none"
 
 
-def _undo(tf: Similarity, verts: Tensor) -> Tensor:
-    """Inverse of tf.apply on verts [N, 3]."""
-    return ((verts.double() - tf.translation) @ tf.rotation / tf.scale).to(verts.dtype)
-
-
-def _resize(images: Tensor, size: int) -> Tensor:
-    """[V, 3, H, W] -> [V, 3, size, size] (antialiased bilinear)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-
-
 def _metrics(pred: MeshData, gt: GroundTruth, protocol: EvalProtocol, result: ObjectResult,
-             lpips_fn, device: str, backend: str) -> None:
+             lpips_fn, device: str, backend: str, views_dir: Path | None) -> None:
     """Fill result's metrics; raises ValueError/Nova3DError for a prediction that cannot be scored."""
-    if protocol.normalization == "input_view":
-        R0 = gt.cameras.c2w[gt.cameras.input_view, :3, :3].double()
-        pred = pred.with_verts(Similarity(rotation=R0).apply(pred.verts))
-    mode = Normalization.KEEP if protocol.normalization == "keep" else Normalization.UNIT_BOX
-    p, g, record = align_pair(pred, gt.mesh, mode, protocol.icp, protocol.icp_points,
-                              protocol.icp_iterations, protocol.chamfer_seed)
-    result.alignment = record
-    result.chamfer = geometry.chamfer_surface(p, g, protocol.chamfer_points, protocol.chamfer_seed,
-                                              protocol.fscore_threshold, device)
-    result.iou = geometry.volume_iou(p, g, protocol.iou_resolution, protocol.iou_grid)
-    # Back into the frame the GT was rendered in, so the GT cameras see the prediction as aligned.
-    in_gt_frame = p.with_verts(_undo(record.gt_transform, p.verts))
-    if protocol.chamfer_depth:
-        result.chamfer_depth = geometry.chamfer_depth(in_gt_frame, gt.mesh, gt.cameras, protocol.image_size,
-                                                      protocol.depth_voxel_size, protocol.fscore_threshold,
-                                                      device, backend)
-    rendered = render_mesh(in_gt_frame, gt.cameras, protocol.image_size, background=1.0, backend=backend,
-                           supersample=protocol.render_supersample)
+    scores = score_geometry(pred, gt.mesh, protocol, gt_cameras=gt.cameras, device=device, backend=backend)
+    result.alignment, result.chamfer, result.chamfer_depth, result.iou = (
+        scores.alignment, scores.chamfer, scores.chamfer_depth, scores.iou)
     result.gt_resolution = int(gt.views.shape[-1])
-    result.appearance = appearance.appearance_metrics(rendered.rgb, _resize(gt.views, protocol.image_size),
-                                                      lpips=lpips_fn)
+    result.appearance_source = protocol.appearance
+    if protocol.appearance == "generated_views":
+        folder = None if views_dir is None else find_generated_views(views_dir, gt.object_id)
+        if folder is None:
+            result.appearance_reason = ("no generated views (give --views DIR)" if views_dir is None
+                                        else f"no generated views: {views_dir / gt.object_id} not found")
+            return
+        try:
+            images = load_generated_views(folder, gt.cameras, protocol.image_size)
+        except (ValueError, OSError) as err:
+            result.appearance_reason = str(err)
+            return
+    else:
+        images = render_mesh(scores.pred_in_gt_frame, gt.cameras, protocol.image_size, background=1.0,
+                             backend=backend, supersample=protocol.render_supersample).rgb
+    result.appearance = appearance.appearance_metrics(
+        images, resize(gt.views, protocol.image_size), lpips=lpips_fn, ssim_variant=protocol.ssim,
+        psnr_max_db=protocol.psnr_max_db, views=compared_views(protocol, len(gt.cameras)))
 
 
 def evaluate_object(pred_mesh_path: str | Path | None, gt_folder: str | Path | GroundTruth,
-                    protocol: EvalProtocol = PROTOCOLS["gso"], *, lpips_fn=None, device: str = "cpu",
-                    backend: str | None = None) -> ObjectResult:
+                    protocol: EvalProtocol = PROTOCOLS[DEFAULT_PROTOCOL], *, lpips_fn=None, device: str = "cpu",
+                    backend: str | None = None, views_dir: str | Path | None = None) -> ObjectResult:
     """Score one prediction against one GT object folder.
 
     A missing or unusable prediction gives status MISSING/BROKEN with the reason (never raises);
     GT problems raise Nova3DError naming the file. `lpips_fn`: appearance.load_lpips()'s
-    function, or None (LPIPS reported unavailable).
+    function, or None (LPIPS reported unavailable). `views_dir`: VIEWS/ of the module docstring
+    (protocols scoring generated views; without it their appearance is reported missing).
     """
     start = time.perf_counter()
     gt = gt_folder if isinstance(gt_folder, GroundTruth) else load_gt(Path(gt_folder), protocol)
@@ -266,7 +209,8 @@ def evaluate_object(pred_mesh_path: str | Path | None, gt_folder: str | Path | G
         try:
             pred = load_mesh(path, convert_axes=protocol.normalization != "input_view")
             result.pred_colour = _colour_source(pred)
-            _metrics(pred, gt, protocol, result, lpips_fn, device, backend)
+            _metrics(pred, gt, protocol, result, lpips_fn, device, backend,
+                     None if views_dir is None else Path(views_dir))
         except Exception as err:  # noqa: BLE001 -- listed with its type, never crashes the set
             # Degenerate predictions (no area, nothing visible, bad face indices) land here.
             result = ObjectResult(gt.object_id, BROKEN, str(path), f"{type(err).__name__}: {err}",
@@ -293,16 +237,25 @@ def versions() -> dict[str, str]:
     return out
 
 
-def evaluate_set(pred_dir: str | Path, gt_dir: str | Path, protocol: EvalProtocol | str = "gso",
-                 out_dir: str | Path | None = None, progress: bool = True, device: str = "cpu") -> EvalSummary:
+def evaluate_set(pred_dir: str | Path, gt_dir: str | Path, protocol: EvalProtocol | str = DEFAULT_PROTOCOL,
+                 out_dir: str | Path | None = None, progress: bool = True, device: str = "cpu",
+                 views_dir: str | Path | None = None, requested_as: str | None = None) -> EvalSummary:
     """Evaluate every GT object against its prediction; write per_object.csv, summary.json and
     summary.md into out_dir (when given; a run that evaluated no object leaves an earlier result
-    there as it was). Objects without a usable prediction are listed."""
+    there as it was). Objects without a usable prediction are listed. `views_dir`: the generated
+    views, required by protocols with appearance="generated_views"."""
     start = time.perf_counter()
+    requested = requested_as or (protocol if isinstance(protocol, str) else protocol.name)
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol.check()
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
         raise Nova3DError(f"{pred_dir}: prediction folder not found")
+    if protocol.appearance == "generated_views":
+        if views_dir is None:
+            raise Nova3DError(f"protocol {protocol.name} scores PSNR/SSIM/LPIPS on the generated views: give "
+                              "--views DIR (or --appearance mesh_renders to score re-renders of the meshes)")
+        if not Path(views_dir).is_dir():
+            raise Nova3DError(f"--views {views_dir}: folder not found")
     folders = gt_objects(gt_dir, protocol)  # every GT problem we can see cheaply, before any work
     if out_dir is not None:
         check_replaceable(out_dir)
@@ -313,17 +266,18 @@ def evaluate_set(pred_dir: str | Path, gt_dir: str | Path, protocol: EvalProtoco
     for folder in tqdm(folders, desc="eval", unit="obj", disable=not progress):
         pred = find_prediction(pred_dir, folder.name)
         result = evaluate_object(pred, load_gt(folder, protocol), protocol, lpips_fn=lpips_fn,
-                                 device=device, backend=backend)
+                                 device=device, backend=backend, views_dir=views_dir)
         if pred is None:
             result.reason = (f"no prediction: looked for {folder.name}.{{glb,obj,ply}} and "
                              f"{folder.name}/mesh.{{glb,obj,ply}} in {pred_dir}")
         results.append(result)
     summary = EvalSummary(
-        protocol=asdict(protocol), protocol_overrides=protocol_overrides(protocol), objects=results,
+        protocol={**asdict(protocol), "requested_as": requested, "alias_of": ALIASES.get(requested)},
+        protocol_overrides=protocol_overrides(protocol), objects=results,
         lpips_reason=lpips_reason, versions=versions(),
         environment={"device": str(device), "render_backend": backend, "nn_backend": geometry.nn_backend(device),
                      "torch_threads": torch.get_num_threads(), "numpy": np.__version__},
-        pred_dir=str(pred_dir), gt_dir=str(gt_dir),
+        pred_dir=str(pred_dir), gt_dir=str(gt_dir), views_dir=None if views_dir is None else str(views_dir),
         unmatched_predictions=unmatched_predictions(pred_dir, {f.name for f in folders}),
         seconds=time.perf_counter() - start)
     if out_dir is not None and (summary.evaluated or not (Path(out_dir) / MARKER).exists()):

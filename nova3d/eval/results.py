@@ -6,7 +6,8 @@
                    and why, unmatched predictions, LPIPS status, software versions, every object's
                    full record (alignment transforms, per-view PSNR/SSIM)
   summary.md       the same as a markdown table
-JSON has no inf: PSNR of identical views (inf) is written as the string "inf".
+Per-view PSNR is capped by the protocol (psnr_max_db, 100 dB), so means stay finite; were an inf to
+reach a file anyway, JSON has no inf: it is written as the string "inf".
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ class ObjectResult:
     alignment: AlignmentRecord | None = None
     pred_colour: str | None = None  # "texture" | "vertex" | "face" | "none": what the renders show
     gt_resolution: int | None = None  # the GT views' size before resizing to the protocol's
+    appearance_source: str | None = None  # "mesh_renders" | "generated_views"
+    appearance_reason: str | None = None  # why appearance is missing for an evaluated object
     seconds: float = 0.0
 
     def scalars(self) -> dict[str, float | None]:
@@ -89,7 +92,8 @@ class ObjectResult:
                 "chamfer": part(self.chamfer), "chamfer_depth": part(self.chamfer_depth),
                 "volume_iou": part(self.iou), "appearance": part(self.appearance),
                 "alignment": part(self.alignment), "pred_colour": self.pred_colour,
-                "gt_resolution": self.gt_resolution, "seconds": self.seconds}
+                "gt_resolution": self.gt_resolution, "appearance_source": self.appearance_source,
+                "appearance_reason": self.appearance_reason, "seconds": self.seconds}
 
 
 @dataclass
@@ -104,6 +108,23 @@ class EvalSummary:
     gt_dir: str
     unmatched_predictions: list[str] = field(default_factory=list)  # files with no GT object
     seconds: float = 0.0
+    views_dir: str | None = None  # generated views (protocols scoring them)
+
+    def warnings(self) -> list[str]:
+        """What a reader of the numbers must know: meshes partly outside a fixed IoU grid, objects
+        without appearance metrics, PSNR values at the cap."""
+        out = []
+        clipped = [o.object_id for o in self.evaluated if o.iou and max(o.iou.pred_outside_grid, o.iou.gt_outside_grid) > 0]
+        if clipped:
+            out.append(f"IoU grid `{self.protocol.get('iou_grid')}` does not hold every vertex of "
+                       f"{', '.join(clipped)}: what lies outside the grid is not counted")
+        no_app = [f"{o.object_id} ({o.appearance_reason})" for o in self.evaluated if o.appearance is None]
+        if no_app:
+            out.append("no appearance metrics for " + "; ".join(no_app))
+        capped = sum(o.appearance.psnr_capped_views for o in self.evaluated if o.appearance)
+        if capped:
+            out.append(f"{capped} view(s) at the PSNR cap of {self.protocol.get('psnr_max_db')} dB (identical images)")
+        return out
 
     @property
     def evaluated(self) -> list[ObjectResult]:
@@ -141,7 +162,8 @@ class EvalSummary:
             "lpips": {"status": "computed" if self.lpips_reason is None else "unavailable",
                       "reason": self.lpips_reason, "net": self.protocol.get("lpips_net")},
             "versions": self.versions, "environment": self.environment,
-            "pred_dir": self.pred_dir, "gt_dir": self.gt_dir, "seconds": self.seconds,
+            "pred_dir": self.pred_dir, "gt_dir": self.gt_dir, "views_dir": self.views_dir,
+            "warnings": self.warnings(), "seconds": self.seconds,
             "objects": [o.to_json() for o in self.objects],
         }
 
@@ -150,14 +172,15 @@ class EvalSummary:
         writer = csv.writer(buf, lineterminator="\n")
         names = [m.name for m in METRICS]
         writer.writerow(["object_id", "status", *names, "normalization", "icp", "icp_rmse_after",
-                         "pred_colour", "seconds", "pred_path", "reason"])
+                         "pred_colour", "seconds", "pred_path", "reason", "appearance_source", "appearance_reason"])
         for o in self.objects:
             s = o.scalars()
             icp = o.alignment.icp if o.alignment else None
             writer.writerow([o.object_id, o.status, *["" if s[n] is None else repr(float(s[n])) for n in names],
                              o.alignment.mode if o.alignment else "", bool(icp) if o.alignment else "",
                              "" if icp is None else repr(icp.rmse_after), o.pred_colour or "",
-                             f"{o.seconds:.3f}", o.pred_path or "", o.reason or ""])
+                             f"{o.seconds:.3f}", o.pred_path or "", o.reason or "",
+                             o.appearance_source or "", o.appearance_reason or ""])
         return buf.getvalue()
 
     def markdown(self) -> str:
@@ -166,14 +189,19 @@ class EvalSummary:
                 and (m.name != "chamfer_depth" or p.get("chamfer_depth"))]
         arrow = lambda m: "↑" if m.higher_is_better else "↓"  # noqa: E731
         changed = ", ".join(f"{k}={v}" for k, v in self.protocol_overrides.items())
+        cd = {"surface": f"{p['chamfer_points']} surface points per mesh",
+              "vertices": "the meshes' vertices",
+              "depth": f"depth renders ({p['depth_cameras']} cameras), voxel {p['depth_voxel_size']}"}[p["chamfer"]]
+        alias = f" (asked for as `{p['requested_as']}`)" if p.get("alias_of") else ""
         lines = [
-            f"## Evaluation — protocol `{p['name']}`" + (f" (changed: {changed})" if changed else ""),
+            f"## Evaluation — protocol `{p['name']}`{alias}" + (f" (changed: {changed})" if changed else ""),
             "",
             f"{c['objects']} objects: {c[OK]} evaluated, {c[MISSING]} missing, {c[BROKEN]} broken. "
-            f"Normalisation `{p['normalization']}`, ICP {'on' if p['icp'] else 'off'}; CD from "
-            f"{p['chamfer_points']} surface points per mesh, F-score at {p['fscore_threshold']}; "
-            f"IoU on {p['iou_resolution']}³ ({p['iou_grid']}); {p['num_views']} views at "
-            f"{p['image_size']}² on white.",
+            f"Normalisation `{p['normalization']}` (prediction frame `{p['pred_frame']}`), ICP "
+            f"{'on' if p['icp'] else 'off'}; CD from {cd}; F-score at {p['fscore_threshold']} (nova3d's "
+            f"addition: no peer protocol reports it); IoU on {p['iou_resolution']}³ ({p['iou_grid']}, "
+            f"{p['iou_inside']}); {p['appearance']} against {p['num_views']} GT views at {p['image_size']}² on "
+            f"white ({p['appearance_views']} views), SSIM `{p['ssim']}`, PSNR capped at {p['psnr_max_db']} dB.",
             "",
             f"LPIPS ({p['lpips_net']}): " + ("computed." if self.lpips_reason is None
                                               else f"not computed — {self.lpips_reason}."),
@@ -192,6 +220,8 @@ class EvalSummary:
         if self.unmatched_predictions:
             lines += ["", "Predictions without a ground-truth object (not evaluated): "
                       + ", ".join(self.unmatched_predictions)]
+        for warning in self.warnings():
+            lines += ["", f"Warning: {warning}."]
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:

@@ -1,0 +1,161 @@
+"""Named evaluation protocols: every choice that shapes a number, and the peer code it follows.
+
+Papers disagree on how to score the same mesh (the same Wonder3D model reads CD 0.0199 / IoU 0.624
+in its own paper and 0.0261 / 0.466 under another's protocol), so each protocol here is named, says
+which peer file it follows, and is written whole into every summary.json. docs/evaluation.md
+describes each one; `nova3d eval --list-protocols` prints this table.
+
+  nova3d       (default; `gso` is its alias) nova3d's recommended protocol. Only the GT is normalised
+               (it already is: data_prep.gso writes it in the unit box); the prediction is scored as
+               stored in nova3d's world frame, so a mesh 10 % too large or shifted by 0.05 is
+               penalised. CD from 100k surface samples of the whole surface, IoU 64³ on the pair's
+               union box (6-ray vote: open meshes fill correctly, nothing is clipped), SSIM with a
+               fixed data range 1 and no border crop, appearance on re-renders of the mesh.
+  syncdreamer  SyncDreamer's eval_mesh.py / eval_nvs.py: GT-only normalisation (norm_coords), depth-
+               rendered CD at its 16 cameras (elevation 30°, f = 280 px at 256², radius 1.5),
+               voxel-down-sampled at 0.01; IoU 64³ on mesh2sdf's [-1, 1]³ node grid with one ray per
+               voxel; SSIM as torchmetrics computed it in 2023 (range inferred per image, 5-px border
+               cropped); PSNR/SSIM/LPIPS on the GENERATED views.
+  eschernet    EscherNet's metrics/eval_3D_GSO.py: BOTH meshes normalised into the unit box, CD on
+               mesh vertices, IoU as syncdreamer's. Forgives scale and placement by design.
+  aligned      Wonder3D++-style "aligned" numbers: both unit-boxed, then rigid ICP of the prediction
+               onto the GT (no peer script found; follows the papers' description).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+
+from nova3d.errors import Nova3DError
+
+NORMALIZATIONS = ("gt_only", "unit_box", "keep", "input_view")
+PRED_FRAMES = ("nova3d", "syncdreamer")  # nova3d.eval.normalize.FRAME_TO_NOVA3D
+CHAMFER_SAMPLINGS = ("surface", "depth", "vertices")
+DEPTH_CAMERAS = ("gt", "protocol")
+IOU_GRIDS = ("union_bbox", "unit_box", "mesh2sdf")
+IOU_INSIDE = ("vote6", "single_ray_x")
+SSIM_VARIANTS = ("torchmetrics", "torchmetrics_2023")
+APPEARANCE_SOURCES = ("mesh_renders", "generated_views")
+APPEARANCE_VIEWS = ("all", "novel")
+SYNCDREAMER_FOV_DEG = math.degrees(2 * math.atan(128 / 280))  # f = 280 px at 256² (meta_info/camera-16.pkl)
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """Every choice that shapes the numbers (all written into summary.json)."""
+
+    name: str = "nova3d"
+    reference: str = "nova3d's own protocol (docs/evaluation.md)"
+    # --- frames
+    normalization: str = "gt_only"  # NORMALIZATIONS (nova3d.eval.normalize)
+    pred_frame: str = "nova3d"  # the world frame the prediction is stored in (PRED_FRAMES)
+    icp: bool = False
+    icp_points: int = 5_000
+    icp_iterations: int = 20
+    # --- the orbit: data_prep.gso renders the GT at it; depth_cameras="protocol" renders depth at it
+    num_views: int | None = 16  # views the GT must have (None: whatever it has)
+    image_size: int = 256
+    elevation_deg: float = 0.0
+    fov_deg: float = 49.1
+    radius: float = 1.5
+    strict_orbit: bool = False  # GT cameras must match elevation_deg / fov_deg (else a one-line error)
+    # --- Chamfer distance and F-score
+    chamfer: str = "surface"  # the headline CD column: CHAMFER_SAMPLINGS
+    chamfer_points: int = 100_000  # surface samples per mesh
+    chamfer_seed: int = 0
+    chamfer_depth: bool = False  # also the depth-render CD as a second column
+    depth_cameras: str = "gt"  # DEPTH_CAMERAS: the GT's cameras, or the protocol's orbit
+    depth_voxel_size: float = 0.01
+    fscore_threshold: float = 0.05  # 5 % of the unit box; F-score is in no peer protocol here
+    # --- volume IoU
+    iou_resolution: int = 64
+    iou_grid: str = "union_bbox"  # IOU_GRIDS
+    iou_inside: str = "vote6"  # IOU_INSIDE
+    # --- appearance
+    appearance: str = "mesh_renders"  # APPEARANCE_SOURCES
+    appearance_views: str = "all"  # APPEARANCE_VIEWS ("novel": views 1..V-1, view 0 is the input)
+    ssim: str = "torchmetrics"  # SSIM_VARIANTS
+    psnr_max_db: float = 100.0  # per-view PSNR cap: identical views give 100, never inf
+    lpips: bool = True  # when the backbone weights are cached (never downloaded)
+    lpips_net: str = "vgg"
+    render_backend: str = "auto"  # mesh_render backend for the prediction's views
+    render_supersample: int = 1
+
+    def check(self) -> "EvalProtocol":
+        for field, allowed in (("normalization", NORMALIZATIONS), ("pred_frame", PRED_FRAMES),
+                               ("chamfer", CHAMFER_SAMPLINGS), ("depth_cameras", DEPTH_CAMERAS),
+                               ("iou_grid", IOU_GRIDS), ("iou_inside", IOU_INSIDE), ("ssim", SSIM_VARIANTS),
+                               ("appearance", APPEARANCE_SOURCES), ("appearance_views", APPEARANCE_VIEWS)):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise Nova3DError(f"{field} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.image_size < 1 or self.chamfer_points < 1 or self.iou_resolution < 2:
+            raise Nova3DError("image_size and chamfer_points must be positive, iou_resolution at least 2")
+        if not (self.psnr_max_db > 0 and math.isfinite(self.psnr_max_db)):
+            raise Nova3DError(f"psnr_max_db must be a positive finite number, not {self.psnr_max_db}")
+        if self.depth_cameras == "protocol" and self.num_views is None:
+            raise Nova3DError("depth_cameras='protocol' needs num_views (the protocol's orbit)")
+        return self
+
+
+NOVA3D = EvalProtocol()
+SYNCDREAMER = EvalProtocol(
+    name="syncdreamer",
+    reference="SyncDreamer eval_mesh.py (norm_coords/transform_gt, get_points_from_mesh, get_chamfer_iou) "
+              "and eval_nvs.py (main), github.com/liuyuan-pal/SyncDreamer",
+    elevation_deg=30.0, fov_deg=SYNCDREAMER_FOV_DEG, strict_orbit=True,
+    chamfer="depth", depth_cameras="protocol",
+    iou_grid="mesh2sdf", iou_inside="single_ray_x",
+    appearance="generated_views", ssim="torchmetrics_2023")
+ESCHERNET = EvalProtocol(
+    name="eschernet",
+    reference="EscherNet metrics/eval_3D_GSO.py (normalize_mesh on both, chamfer on vertices) and "
+              "metrics/metrics.py (chamfer, compute_iou), github.com/kxhit/EscherNet",
+    normalization="unit_box", chamfer="vertices", iou_grid="mesh2sdf", iou_inside="single_ray_x")
+ALIGNED = EvalProtocol(
+    name="aligned",
+    reference="Wonder3D++ 'aligned' evaluation as its paper describes it (both normalised, then rigid "
+              "ICP); no peer script found, see docs/evaluation.md",
+    normalization="unit_box", icp=True)
+
+ALIASES = {"gso": "nova3d"}  # the name every caller used before issue 17
+PROTOCOLS = {p.name: p for p in (NOVA3D, SYNCDREAMER, ESCHERNET, ALIGNED)}
+PROTOCOLS.update({alias: PROTOCOLS[target] for alias, target in ALIASES.items()})
+DEFAULT_PROTOCOL = NOVA3D.name
+SUMMARIES = {
+    "nova3d": "default: GT-only normalisation (scale/placement errors count), surface CD, union-box IoU",
+    "syncdreamer": "SyncDreamer's tables: depth CD at 16 cams (el. 30°), mesh2sdf IoU, 2023 SSIM, generated views",
+    "eschernet": "EscherNet's eval_3D_GSO.py: both meshes unit-boxed (forgives scale/placement), vertex CD",
+    "aligned": "both unit-boxed + rigid ICP before scoring (Wonder3D++'s aligned numbers)",
+}
+
+
+def get_protocol(name: str, **overrides) -> EvalProtocol:
+    """The named protocol (or alias) with some fields changed (e.g. icp=True); Nova3DError if unknown."""
+    if name not in PROTOCOLS:
+        raise Nova3DError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
+    unknown = [k for k in overrides if k not in EvalProtocol.__dataclass_fields__]
+    if unknown:
+        raise Nova3DError(f"protocol {name!r} has no field {unknown[0]!r}")
+    return dataclasses.replace(PROTOCOLS[name], **overrides).check()
+
+
+def protocol_overrides(protocol: EvalProtocol) -> dict:
+    """Fields that differ from the protocol of the same name."""
+    base = PROTOCOLS.get(protocol.name)
+    if base is None:
+        return {"(custom protocol)": True}
+    return {k: v for k, v in asdict(protocol).items() if getattr(base, k) != v}
+
+
+def describe_protocols() -> str:
+    """One line per protocol (`nova3d eval --list-protocols`)."""
+    lines = []
+    for name, proto in PROTOCOLS.items():
+        if name in ALIASES:
+            lines.append(f"{name:<12} alias of {ALIASES[name]} (the name used before issue 17)")
+            continue
+        default = " [default]" if name == DEFAULT_PROTOCOL else ""
+        lines.append(f"{name:<12} {SUMMARIES[name]}{default}\n{'':<12} follows: {proto.reference}")
+    return "\n".join(lines) + "\nEvery field: docs/evaluation.md; each summary.json records the protocol whole."
