@@ -1,13 +1,16 @@
 """GSO preparation: render a local Google Scanned Objects folder into evaluation ground truth.
 
-    python -m data_prep.gso --gso GSO_DIR --out GT_DIR [--limit N] [--objects ID ...]
+    python -m data_prep.gso --gso GSO_DIR --out GT_DIR [--protocol NAME] [--limit N] [--objects ID ...]
+    python -m data_prep.gso --convert-meshes PEER_DIR --frame syncdreamer --out PRED_DIR
 
 Input (the GSO release, unzipped): GSO_DIR/<object_id>/meshes/model.obj (+ model.mtl and
 materials/textures/texture.png). Output, what `nova3d eval --gt GT_DIR` reads:
 
     GT_DIR/<object_id>/   an object folder rendered by data_prep.render_views (the same Blender
                           import, unit-box normalisation, lighting and cameras as training data) at
-                          the protocol's orbit: 16 views, 256², elevation 0°, view 0 = input, depth on
+                          the protocol's orbit (nova3d.eval.protocols): 16 views at 256², view 0 =
+                          input, depth on; elevation 0° and FOV 49.1° for `nova3d`/`eschernet`/
+                          `aligned`, elevation 30° and f = 280 px (FOV 49.13°) for `syncdreamer`
     GT_DIR/<object_id>/mesh.glb   the GT mesh in that same normalised world frame, stored by
                           nova3d.mesh_io (glTF Y-up in the file; mesh_io.load_mesh gives back Z-up)
     GT_DIR/<object_id>/mesh.json  how mesh.glb was made and the render/mesh agreement check
@@ -17,9 +20,18 @@ importer does (its defaults: forward -Z, up Y), then moved by meta.json's normal
 Before it is written, every vertex is projected with cameras.json into the masks Blender rendered:
 if more than MAX_OUTSIDE of them miss (the two disagree), the object is a failure, not ground truth,
 and its renders move to GT_DIR/rejected/ (delete them there to try again).
-Resumable: objects with both the folder and mesh.glb are skipped; failures are listed in
+Resumable: objects with both the folder and mesh.glb are skipped (when their cameras are at the
+protocol's orbit: a GT folder holds one orbit, so another protocol's GT needs another --out); failures are listed in
 GT_DIR/failures.jsonl. Exit status (as data_prep.render_views): 0 all done, 1 some objects failed
 (the others done), 2 unusable input or arguments.
+
+--convert-meshes: a peer method's meshes are stored in its own world frame. This writes each of
+PEER_DIR's meshes (PEER/<id>.{glb,obj,ply} or PEER/<id>/mesh.*) as PRED_DIR/<id>.glb in nova3d's
+frame, turned by nova3d.eval.normalize.FRAME_TO_NOVA3D[--frame] (syncdreamer: its input camera on
++X becomes ours on -Y; nothing else changes: no rescaling, no recentring). `nova3d eval
+--pred-frame syncdreamer` does the same turn on the fly; the conversion is recorded in
+PRED_DIR/frame.json. (SyncDreamer also turned some GSO objects about Z before rendering its GT,
+eval_mesh.py get_gt_rotate_angle: those per-object angles are not applied here.)
 """
 from __future__ import annotations
 
@@ -155,7 +167,58 @@ def write_gt_mesh(source: ObjectSource, folder: Path, max_outside: float = MAX_O
     return info
 
 
-def prepare_gso(gso_dir: str | Path, out_dir: str | Path, protocol: str = "gso", *, limit: int | None = None,
+def _orbit_mismatch(folder: Path, settings: RenderSettings) -> str | None:
+    """Why an already rendered GT folder is not at `settings`' orbit (None when it is)."""
+    cams = Cameras.load(folder / schema.CAMERAS_FILE)
+    el = cams.elevation_deg.float()
+    if (len(cams) != settings.views or float((el - settings.elevation[0]).abs().max()) > 0.5
+            or abs(cams.fov_deg - settings.fov) > 0.1):
+        return (f"{folder} holds {len(cams)} views at elevation {float(el.min()):g}°, FOV {cams.fov_deg:.2f}°; "
+                f"the protocol needs {settings.views} at {settings.elevation[0]:g}°, FOV {settings.fov:.2f}°: "
+                "prepare this protocol's GT into another --out")
+    return None
+
+
+def convert_peer_meshes(src_dir: str | Path, out_dir: str | Path, frame: str) -> list[Path]:
+    """Every mesh of a peer's prediction folder, turned from its `frame` into nova3d's world frame and
+    written as out_dir/<id>.glb (module docstring); Nova3DError for an unusable folder or frame."""
+    from nova3d.eval.normalize import FRAME_TO_NOVA3D, frame_rotation
+    from nova3d.eval.protocol import PRED_SUFFIXES
+
+    src, out = Path(src_dir), Path(out_dir)
+    if frame not in FRAME_TO_NOVA3D:
+        raise Nova3DError(f"--frame {frame!r}: known frames are {', '.join(FRAME_TO_NOVA3D)}")
+    if not src.is_dir():
+        raise Nova3DError(f"--convert-meshes {src}: folder not found")
+    found = {}
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.suffix.lower() in PRED_SUFFIXES:
+            found.setdefault(path.stem, path)
+        elif path.is_dir():
+            for suffix in PRED_SUFFIXES:
+                if (path / f"mesh{suffix}").is_file():
+                    found.setdefault(path.name, path / f"mesh{suffix}")
+                    break
+    if not found:
+        raise Nova3DError(f"--convert-meshes {src}: no <id>.{{glb,obj,ply}} or <id>/mesh.* files")
+    turn = np.eye(4)
+    turn[:3, :3] = frame_rotation(frame).numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for object_id, path in found.items():
+        try:
+            mesh = load_mesh(path)
+        except Exception as err:  # every loader fails its own way on a corrupt file
+            raise Nova3DError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+        mesh.apply_transform(turn)
+        save_mesh(mesh, out / f"{object_id}.glb")
+        written.append(out / f"{object_id}.glb")
+    write_json_atomic(out / "frame.json", {"source": str(src.resolve()), "frame": frame, "rotation_to_nova3d":
+                                           turn[:3, :3].tolist(), "objects": sorted(found)})
+    return written
+
+
+def prepare_gso(gso_dir: str | Path, out_dir: str | Path, protocol: str = "nova3d", *, limit: int | None = None,
                 objects: list[str] | None = None, samples: int = 8, resolution: int | None = None,
                 device: str = "auto", progress: bool = True) -> GsoSummary:
     """Render GSO objects and write their GT meshes (module docstring); resumable."""
@@ -175,20 +238,27 @@ def prepare_gso(gso_dir: str | Path, out_dir: str | Path, protocol: str = "gso",
     if limit is not None:
         sources = sources[:limit]
     settings = RenderSettings(views=proto.num_views or 16, resolution=resolution or proto.image_size,
-                              elevation=(proto.elevation_deg,), samples=samples, depth=True, device=device)
+                              elevation=(proto.elevation_deg,), fov=proto.fov_deg, radius=proto.radius,
+                              samples=samples, depth=True, device=device)
     summary = GsoSummary()
     out.mkdir(parents=True, exist_ok=True)
     for record in problems:
         append_failure(out, record)
         summary.failed.append(record)
     done = [s for s in sources if (out / s.object_id / GT_MESH).is_file()]
+    for source in list(done):
+        reason = _orbit_mismatch(out / source.object_id, settings)
+        if reason:
+            done.remove(source)
+            summary.failed.append({"object": source.object_id, "source": source.source, "reason": reason})
     summary.skipped = [s.object_id for s in done]
+    mismatched = {f["object"] for f in summary.failed}
     rejected = [s for s in sources if (out / REJECTED_DIR / s.object_id).exists()]
     for source in rejected:
         summary.failed.append({"object": source.object_id, "source": source.source,
                                "reason": f"rejected earlier (see {FAILURES_FILE}); delete "
                                          f"{out / REJECTED_DIR / source.object_id} to try again"})
-    todo = [s for s in sources if s not in done and s not in rejected]
+    todo = [s for s in sources if s not in done and s not in rejected and s.object_id not in mismatched]
     rendered = render_objects(todo, out, settings, progress=progress)
     summary.rendered, summary.failed = rendered.rendered, summary.failed + rendered.failed
     for source in todo:
@@ -209,16 +279,27 @@ def prepare_gso(gso_dir: str | Path, out_dir: str | Path, protocol: str = "gso",
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.gso", description=__doc__.split("\n\n")[0])
-    p.add_argument("--gso", required=True, help="GSO folder: <object_id>/meshes/model.obj")
-    p.add_argument("--out", required=True, help="ground-truth folder for nova3d eval --gt")
+    p.add_argument("--gso", help="GSO folder: <object_id>/meshes/model.obj")
+    p.add_argument("--out", required=True, help="ground-truth folder for nova3d eval --gt (or converted meshes)")
+    p.add_argument("--convert-meshes", metavar="PEER_DIR", help="instead: turn a peer's meshes into nova3d's frame")
+    p.add_argument("--frame", default=None, help="with --convert-meshes: the peer's frame (syncdreamer)")
     p.add_argument("--limit", type=int, default=None, help="at most this many objects (in name order)")
     p.add_argument("--objects", nargs="+", metavar="ID", help="only these object ids")
-    p.add_argument("--protocol", default="gso", help="evaluation protocol whose orbit is rendered")
+    p.add_argument("--protocol", default="nova3d", help="evaluation protocol whose orbit is rendered "
+                   "(nova3d, syncdreamer, eschernet, aligned; see nova3d eval --list-protocols)")
     p.add_argument("--samples", type=int, default=RenderSettings().samples, help="Cycles samples per pixel")
     p.add_argument("--resolution", type=int, default=None, help="override the protocol's image size")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     args = p.parse_args(argv)
     try:
+        if args.convert_meshes is not None:
+            if args.frame is None:
+                raise Nova3DError("--convert-meshes needs --frame (the peer's world frame, e.g. syncdreamer)")
+            written = convert_peer_meshes(args.convert_meshes, args.out, args.frame)
+            print(f"wrote {len(written)} meshes in nova3d's frame to {args.out} (from frame {args.frame})")
+            return 0
+        if args.gso is None:
+            raise Nova3DError("--gso is required (or --convert-meshes)")
         summary = prepare_gso(args.gso, args.out, args.protocol, limit=args.limit, objects=args.objects,
                               samples=args.samples, resolution=args.resolution, device=args.device)
     except Nova3DError as err:

@@ -246,7 +246,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="PSNR/SSIM/LPIPS on re-renders of the meshes or on the generated views (default: the protocol's)")
     p.add_argument("--icp", action="store_true", help="rigid ICP of the prediction onto the GT after normalising")
     p.add_argument("--normalization", choices=["gt_only", "unit_box", "keep", "input_view"], default=None,
-                   help="how meshes are put in one frame (default: the protocol's; gt_only for nova3d)")
+                   help="how meshes are put in one frame (default: the protocol's; keep for nova3d)")
     p.add_argument("--chamfer-depth", action="store_true", help="also the depth-render Chamfer as a second column")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 

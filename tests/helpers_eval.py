@@ -36,7 +36,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def write_gt_object(root: str | Path, object_id: str, mesh: trimesh.Trimesh, views: int = 4, res: int = 64,
-                    elevation_deg: float = 20.0, supersample: int = 1) -> Path:
+                    elevation_deg: float = 20.0, supersample: int = 1, fov_deg: float = 49.1) -> Path:
     """root/object_id/: views of unit_box(mesh) + cameras.json + meta.json + mesh.glb.
 
     Normal maps are a placeholder (every covered pixel faces its camera): the harness does not
@@ -46,7 +46,7 @@ def write_gt_object(root: str | Path, object_id: str, mesh: trimesh.Trimesh, vie
     folder.mkdir(parents=True, exist_ok=True)
     save_mesh(unit_box(mesh), folder / "mesh.glb")
     # Views of the file as read back (what the harness compares against).
-    cams = orbit_cameras(OrbitSpec(num_views=views, resolution=res, elevation_deg=elevation_deg))
+    cams = orbit_cameras(OrbitSpec(num_views=views, resolution=res, elevation_deg=elevation_deg, fov_deg=fov_deg))
     out = render_mesh(load_mesh(folder / "mesh.glb"), cams, image_size=res, background=0.0, supersample=supersample)
     for sub in (schema.RGB_DIR, schema.NORMAL_DIR, schema.MASK_DIR, schema.DEPTH_DIR):
         (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -69,9 +69,9 @@ def test_translated_and_scaled_prediction_is_undone_by_unit_box_only(gt: Path, t
         mesh.apply_scale(1.7)
         mesh.apply_translation([0.3, -0.2, 0.1])
         mesh_io.save_mesh(mesh, pred / f"{name}.glb")
-    strict = evaluate(pred, gt)  # the default protocol (gt_only) counts scale and placement errors
+    strict = evaluate(pred, gt)  # the default protocol (keep) counts scale and placement errors
     for o in strict.objects:
-        assert o.alignment.mode == "gt_only" and o.alignment.pred_transform.scale == 1.0
+        assert o.alignment.mode == "keep" and o.alignment.pred_transform.scale == 1.0
         assert o.chamfer.chamfer > 0.1 and o.iou.iou < 0.5, o.object_id
     moved = evaluate(pred, gt, normalization="unit_box")
     for o in moved.objects:
@@ -146,7 +146,7 @@ def test_result_files_record_protocol_choices_and_versions(gt: Path, tmp_path: P
     evaluate(pred, gt, out, icp=True)
     data = json.loads((out / "summary.json").read_text())
     p = data["protocol"]
-    assert p["name"] == "nova3d" and p["normalization"] == "gt_only" and p["icp"] is True
+    assert p["name"] == "nova3d" and p["normalization"] == "keep" and p["icp"] is True
     assert p["requested_as"] == "nova3d" and p["alias_of"] is None and p["iou_inside"] == "vote6"
     assert p["fscore_threshold"] == 0.05 and p["iou_resolution"] == 64 and p["chamfer_points"] == 5_000
     assert data["protocol_overrides"] == {"icp": True, "num_views": 4, "image_size": 64, "chamfer_points": 5_000}
@@ -155,9 +155,9 @@ def test_result_files_record_protocol_choices_and_versions(gt: Path, tmp_path: P
     if data["lpips"]["status"] == "unavailable":  # never a made-up number
         assert data["lpips"]["reason"] and data["mean"]["lpips"] is None
     mug = next(o for o in data["objects"] if o["object_id"] == "mug")
-    assert mug["alignment"]["mode"] == "gt_only" and mug["alignment"]["icp"]["iterations"] >= 1
+    assert mug["alignment"]["mode"] == "keep" and mug["alignment"]["icp"]["iterations"] >= 1
     row = next(r for r in csv.DictReader((out / "per_object.csv").open()) if r["object_id"] == "mug")
-    assert row["normalization"] == "gt_only" and row["icp"] == "True" and row["appearance_source"] == "mesh_renders"
+    assert row["normalization"] == "keep" and row["icp"] == "True" and row["appearance_source"] == "mesh_renders"
     assert "ICP on" in (out / "summary.md").read_text()
 
 
@@ -214,3 +214,38 @@ def test_undo_inverts_a_similarity() -> None:
     tf = Similarity(2.5, rot, torch.tensor([0.1, -0.4, 0.3], dtype=torch.float64))
     pts = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(P._undo(tf, tf.apply(pts)), pts, atol=1e-5)
+
+
+def test_syncdreamer_protocol_scores_the_generated_views(tmp_path: Path) -> None:
+    """appearance="generated_views": the views a method generated, not re-renders of its mesh, are
+    compared with the GT views (SyncDreamer eval_nvs.py); both layouts are read, mismatches named."""
+    from nova3d.eval.protocols import SYNCDREAMER_FOV_DEG
+
+    gt = tmp_path / "gt"
+    for name in OBJECTS:
+        write_gt_object(gt, name, make_object(name), views=4, res=64, elevation_deg=30.0, fov_deg=SYNCDREAMER_FOV_DEG)
+    pred, views = tmp_path / "pred", tmp_path / "views"
+    pred.mkdir()
+    for name in OBJECTS:
+        shutil.copy(gt / name / P.GT_MESH, pred / f"{name}.glb")
+    (views / "crate").mkdir(parents=True)  # SyncDreamer's layout: 000.png ... directly in the folder
+    for png in sorted((gt / "crate" / "rgb").iterdir()):
+        shutil.copy(png, views / "crate" / png.name)
+    shutil.copytree(gt / "mug", views / "mug")  # an object folder whose cameras sit elsewhere
+    cams = Cameras.load(views / "mug" / "cameras.json")
+    cams.elevation_deg = cams.elevation_deg * 0
+    cams.save(views / "mug" / "cameras.json")
+    proto = P.get_protocol("syncdreamer", num_views=4, image_size=64, lpips=False)
+    summary = P.evaluate_set(pred, gt, proto, tmp_path / "out", progress=False, views_dir=views)
+    crate, mug = summary.objects
+    assert crate.status == mug.status == OK and crate.appearance_source == "generated_views"
+    assert crate.appearance.psnr == 100.0 and crate.appearance.ssim == pytest.approx(1.0, abs=1e-6)
+    assert crate.appearance.ssim_variant == "torchmetrics_2023" and crate.chamfer.sampling == "depth"
+    assert crate.chamfer.chamfer == 0.0 and crate.iou.iou == 1.0 and crate.iou.grid == "mesh2sdf"
+    assert mug.appearance is None and "elevation_deg" in mug.appearance_reason
+    data = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert data["protocol"]["name"] == "syncdreamer" and data["views_dir"] == str(views)
+    assert any("no appearance metrics for mug" in w for w in data["warnings"])
+    assert any("PSNR cap" in w for w in data["warnings"]) and data["mean"]["psnr"] == 100.0
+    row = next(r for r in csv.DictReader((tmp_path / "out" / "per_object.csv").open()) if r["object_id"] == "mug")
+    assert row["appearance_source"] == "generated_views" and "elevation_deg" in row["appearance_reason"]

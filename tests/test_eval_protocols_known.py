@@ -141,7 +141,7 @@ def test_registry_names_aliases_and_bad_fields() -> None:
     from nova3d.errors import Nova3DError
 
     assert PROTOCOLS["gso"] is PROTOCOLS["nova3d"]
-    assert get_protocol("gso").normalization == "gt_only"  # the default forgives nothing
+    assert get_protocol("gso").normalization == "keep"  # the default forgives nothing
     assert get_protocol("eschernet").normalization == "unit_box"
     with pytest.raises(Nova3DError, match="iou_inside must be one of vote6, single_ray_x"):
         get_protocol("nova3d", iou_inside="winding")

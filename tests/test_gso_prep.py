@@ -142,3 +142,58 @@ def test_ground_truth_evaluated_against_itself(prepared, tmp_path: Path) -> None
         assert o.chamfer.chamfer == 0.0 and o.iou.iou == 1.0
         # Blender's lit, anti-aliased renders vs our unlit rasteriser of the same textured mesh.
         assert o.appearance.psnr > 18 and o.appearance.ssim > 0.8, (o.object_id, o.appearance.psnr)
+
+
+@pytest.mark.parametrize("protocol, elevation, fov", [("nova3d", 0.0, 49.1), ("syncdreamer", 30.0, 49.134)])
+def test_gt_is_rendered_at_the_protocols_orbit(fake_gso: Path, tmp_path: Path, monkeypatch, protocol, elevation,
+                                               fov) -> None:
+    """SyncDreamer's GT views: elevation 30°, f = 280 px at 256² (FOV 2 atan(128/280) = 49.134°)."""
+    import data_prep.render_views as rv
+    from data_prep.render_io import RenderSummary
+
+    seen = []
+    monkeypatch.setattr(rv, "render_objects", lambda todo, out, settings, progress: seen.append(settings)
+                        or RenderSummary())
+    gso.prepare_gso(fake_gso, tmp_path / "gt", protocol, progress=False)
+    (settings,) = seen
+    assert settings.elevation == (elevation,) and settings.fov == pytest.approx(fov, abs=1e-3)
+    assert settings.views == 16 and settings.resolution == 256 and settings.radius == 1.5 and settings.depth
+
+
+def test_gt_at_another_orbit_is_not_taken_for_done(fake_gso: Path, tmp_path: Path, monkeypatch) -> None:
+    import data_prep.render_views as rv
+    from data_prep.render_io import RenderSummary
+    from tests.helpers_eval import write_gt_object
+
+    out = tmp_path / "gt"
+    write_gt_object(out, "crate", make_object("crate"), views=16, res=32, elevation_deg=0.0)  # a nova3d-orbit GT
+    monkeypatch.setattr(rv, "render_objects", lambda todo, out, settings, progress: RenderSummary())
+    summary = gso.prepare_gso(fake_gso, out, "syncdreamer", objects=["crate"], progress=False)
+    assert summary.skipped == [] and [f["object"] for f in summary.failed] == ["crate"]
+    assert "elevation 0°" in summary.failed[0]["reason"] and "another --out" in summary.failed[0]["reason"]
+    assert gso.prepare_gso(fake_gso, out, "nova3d", objects=["crate"], resolution=32, progress=False).skipped == ["crate"]
+
+
+def test_peer_meshes_are_turned_into_nova3d_frame(tmp_path: Path, capsys) -> None:
+    from nova3d.eval.normalize import frame_rotation
+    from nova3d.eval.protocol import load_mesh
+
+    ours = make_object("mug")  # nova3d's frame: the handle side as our cameras see it
+    theirs = ours.copy()
+    turn = np.eye(4)
+    turn[:3, :3] = frame_rotation("syncdreamer").numpy().T  # how SyncDreamer's frame stores it
+    theirs.apply_transform(turn)
+    peer = tmp_path / "peer"
+    (peer / "mug").mkdir(parents=True)
+    theirs.export(peer / "mug" / "mesh.ply")  # .ply: coordinates as stored
+    assert gso.main(["--convert-meshes", str(peer), "--frame", "syncdreamer", "--out", str(tmp_path / "pred")]) == 0
+    back = load_mesh(tmp_path / "pred" / "mug.glb")
+    assert torch.allclose(back.verts, torch.as_tensor(ours.vertices, dtype=torch.float32), atol=1e-5)
+    assert json.loads((tmp_path / "pred" / "frame.json").read_text())["frame"] == "syncdreamer"
+    capsys.readouterr()
+    for argv, message in ((["--convert-meshes", str(peer)], "--convert-meshes needs --frame"),
+                          (["--convert-meshes", str(peer), "--frame", "zero123"], "--frame 'zero123': known frames"),
+                          (["--convert-meshes", str(tmp_path / "none"), "--frame", "syncdreamer"], "folder not found")):
+        assert gso.main([*argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err

@@ -5,8 +5,9 @@ in its own paper and 0.0261 / 0.466 under another's protocol), so each protocol 
 which peer file it follows, and is written whole into every summary.json. docs/evaluation.md
 describes each one; `nova3d eval --list-protocols` prints this table.
 
-  nova3d       (default; `gso` is its alias) nova3d's recommended protocol. Only the GT is normalised
-               (it already is: data_prep.gso writes it in the unit box); the prediction is scored as
+  nova3d       (default; `gso` is its alias) nova3d's recommended protocol. Neither mesh is moved:
+               the GT is in the frame of its own renders (data_prep.gso: unit box, input view on
+               -Y), which is the frame the input image defines, and the prediction is scored as
                stored in nova3d's world frame, so a mesh 10 % too large or shifted by 0.05 is
                penalised. CD from 100k surface samples of the whole surface, IoU 64³ on the pair's
                union box (6-ray vote: open meshes fill correctly, nothing is clipped), SSIM with a
@@ -48,7 +49,7 @@ class EvalProtocol:
     name: str = "nova3d"
     reference: str = "nova3d's own protocol (docs/evaluation.md)"
     # --- frames
-    normalization: str = "gt_only"  # NORMALIZATIONS (nova3d.eval.normalize)
+    normalization: str = "keep"  # NORMALIZATIONS (nova3d.eval.normalize)
     pred_frame: str = "nova3d"  # the world frame the prediction is stored in (PRED_FRAMES)
     icp: bool = False
     icp_points: int = 5_000
@@ -102,6 +103,7 @@ class EvalProtocol:
 NOVA3D = EvalProtocol()
 SYNCDREAMER = EvalProtocol(
     name="syncdreamer",
+    normalization="gt_only",
     reference="SyncDreamer eval_mesh.py (norm_coords/transform_gt, get_points_from_mesh, get_chamfer_iou) "
               "and eval_nvs.py (main), github.com/liuyuan-pal/SyncDreamer",
     elevation_deg=30.0, fov_deg=SYNCDREAMER_FOV_DEG, strict_orbit=True,
@@ -124,7 +126,7 @@ PROTOCOLS = {p.name: p for p in (NOVA3D, SYNCDREAMER, ESCHERNET, ALIGNED)}
 PROTOCOLS.update({alias: PROTOCOLS[target] for alias, target in ALIASES.items()})
 DEFAULT_PROTOCOL = NOVA3D.name
 SUMMARIES = {
-    "nova3d": "default: GT-only normalisation (scale/placement errors count), surface CD, union-box IoU",
+    "nova3d": "default: meshes as stored in the GT renders' frame (scale/placement errors count), surface CD",
     "syncdreamer": "SyncDreamer's tables: depth CD at 16 cams (el. 30°), mesh2sdf IoU, 2023 SSIM, generated views",
     "eschernet": "EscherNet's eval_3D_GSO.py: both meshes unit-boxed (forgives scale/placement), vertex CD",
     "aligned": "both unit-boxed + rigid ICP before scoring (Wonder3D++'s aligned numbers)",
