@@ -10,7 +10,8 @@ per view then averaged, in one of two variants (the protocol names it):
   "torchmetrics_2023"  what SyncDreamer's eval_nvs.py got from `structural_similarity_index_measure
                        (pr, gt)` with the 2023 torchmetrics defaults: data range inferred per image
                        pair (max of the two images' max - min) and the SSIM map cropped by the 5-px
-                       padding border before averaging. Typically 1-5 % higher on white backgrounds.
+                       padding border before averaging. Differs by a few percent, either way
+                       (docs/evaluation.md).
 LPIPS is torchmetrics' LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=True).
 Its linear heads ship inside torchmetrics, but its VGG16 backbone is torchvision's ImageNet
 checkpoint, fetched into the torch hub cache on first use. With no network here that fetch
