@@ -42,7 +42,8 @@ def _generate(args: argparse.Namespace) -> int:
     from nova3d.generate import GenerateSettings, generate_object
 
     settings = GenerateSettings(steps=args.steps, seed=args.seed, guidance=tuple(args.guidance),
-                                schedule=args.schedule, device=args.device)
+                                schedule=args.schedule, device=args.device, dtype=args.dtype,
+                                decode_chunk_size=args.decode_chunk_size)
     folder = generate_object(args.image, args.model, args.out, settings)
     print(f"wrote {folder}")
     return 0
@@ -185,6 +186,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="parent folder: the views go to OUT/<image name>/")
     _add_sampling_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32, float16 (GPU) or bfloat16: UNet and CLIP precision; "
+                   "a float16 SVD VAE encodes in float32 as SVD's pipeline does")
+    p.add_argument("--decode-chunk-size", type=int, default=None, metavar="N",
+                   help="frames per VAE decode call, per video (default: the whole orbit); lower it to save memory")
 
     p = add("fuse", "de-conflict fusion: an object folder of views -> textured mesh, turntable, conflict maps", _fuse)
     p.add_argument("--views", required=True, help="object folder (rendered by data_prep, generated, or perturbed)")

@@ -98,6 +98,9 @@ class SystemConfig:
     val_sampling_steps: int = 25
     val_guidance: list[float] = field(default_factory=lambda: [1.0, 3.0])  # min, max over frames
     val_guidance_schedule: str = "triangle"  # "triangle" (min at the input view), "linear" or "constant"
+    # Validation sheets: frames per VAE decode call, per video; None = the whole orbit in one call
+    # (the temporal decoder then sees every view together, as nova3d generate does by default).
+    val_decode_chunk_size: Optional[int] = None
     # Validation loss: the EDM loss at these fixed σ (same noise every time), averaged, so runs compare.
     # Default: about the 10/30/50/70/90 % quantiles of the training σ for p_mean=0.7, p_std=1.6.
     val_sigmas: list[float] = field(default_factory=lambda: [0.25, 0.9, 2.0, 4.6, 16.0])

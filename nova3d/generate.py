@@ -25,6 +25,8 @@ from nova3d.errors import Nova3DError
 
 GUIDANCE_SCHEDULES = ("triangle", "linear", "constant")
 PIPELINE_CLASS = "Nova3DPipeline"
+# --dtype: the UNet and CLIP run in it (a float16 SVD VAE encodes in float32, nova3d.pipeline says how).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,14 @@ class GenerateSettings:
     schedule: str = "triangle"
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     progress: bool = True
+    dtype: str = "float32"  # one of DTYPES; float16/bfloat16 halve the weights' memory (24 GB cards)
+    decode_chunk_size: Optional[int] = None  # frames per VAE decode call, per video; None: the whole orbit
 
     def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise Nova3DError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.decode_chunk_size is not None and self.decode_chunk_size < 1:
+            raise Nova3DError(f"--decode-chunk-size must be >= 1, got {self.decode_chunk_size}")
         if self.steps < 1:
             raise Nova3DError(f"--steps must be >= 1, got {self.steps}")
         if self.schedule not in GUIDANCE_SCHEDULES:
@@ -84,14 +92,17 @@ def check_safetensors(path: Path) -> None:
         raise Nova3DError(f"{path}: truncated ({size} of {expected} bytes); copy or export the model again")
 
 
-def load_pipeline(model: str | Path, device: torch.device):
+def load_pipeline(model: str | Path, device: torch.device, dtype: str = "float32"):
     from diffusers.utils import is_accelerate_available
 
     from nova3d.pipeline import Nova3DPipeline
 
+    if dtype not in DTYPES:
+        raise Nova3DError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     root, _ = check_model_dir(model)
     try:  # low_cpu_mem_usage needs accelerate; saying so avoids diffusers' warning without it
-        pipe = Nova3DPipeline.from_pretrained(str(root), low_cpu_mem_usage=is_accelerate_available())
+        pipe = Nova3DPipeline.from_pretrained(str(root), low_cpu_mem_usage=is_accelerate_available(),
+                                              dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise Nova3DError(f"cannot load the pipeline from {root}: {str(err).splitlines()[0]}") from err
     return pipe.to(device)
@@ -118,7 +129,7 @@ def generate_object(image: str | Path, model: str | Path, out: str | Path,
     except KeyError as err:
         raise Nova3DError(f"{model_root}/model_index.json lacks {err}") from err
     prepared = prepare_image(image, size=orbit["resolution"], fov_deg=orbit["fov_deg"], radius=orbit["radius"])
-    pipe = load_pipeline(model_root, device)
+    pipe = load_pipeline(model_root, device, settings.dtype)
     if pipe.num_domains < 2:
         raise Nova3DError(f"{model_root} generates RGB only; an object folder needs normal maps")
     return generate_into(pipe, prepared.image, out, object_id, settings, model_root, {
@@ -134,7 +145,7 @@ def generate_into(pipe, image, out: str | Path, object_id: str, settings: Genera
     generator = torch.Generator().manual_seed(settings.seed)  # CPU: the same seed gives the same views anywhere
     result = pipe(image, num_inference_steps=settings.steps, guidance=settings.guidance,
                   guidance_schedule=settings.schedule, generator=generator, output_type="pt",
-                  progress=settings.progress)
+                  progress=settings.progress, decode_chunk_size=settings.decode_chunk_size)
     cameras = result.cameras
     cameras.extra = {"object_id": object_id, "start_azimuth_deg": 0.0, "generated": True}
     meta = schema.ObjectMeta(

@@ -19,6 +19,23 @@ background (normals are composited as 2·bg − 1 in training, nova3d.data.views
 (1, 1, 1), of length √3; coverage = (√3 − |n|)/(√3 − 1), clamped. That also works for white
 objects. A single-domain (RGB-only) model falls back to the colour distance from white.
 
+Precision (issue 14): `from_pretrained(..., torch_dtype=torch.float16 | torch.bfloat16)` (or
+`nova3d generate --dtype`) runs the UNet and CLIP in that dtype; the sampler's state and the
+guidance combination stay float32 (nova3d.models.edm), and a float16 SVD VAE (force_upcast) encodes
+the condition in float32 and decodes in float16, as StableVideoDiffusionPipeline does
+(nova3d.models.conditioning). A float32 pipeline computes the condition exactly as training does.
+
+Decoding: one video at a time, `decode_chunk_size` frames per VAE call (default: the whole orbit,
+so the temporal decoder sees every view; SVD's 14 would decode 16 views as 14 + 2 short videos).
+Peak decode memory is that of one chunk of one video, whatever the batch.
+
+Guidance default: `triangle` from 1 at the input view to 3 opposite it (2.87 at the two middle
+views of 16: the peak falls between frames), SV3D's TrianglePredictionGuider for orbits. SVD's
+`linear` 1 -> 3 ramps with time because later video frames drift further from the image; on an
+orbit the view farthest from the input is the middle one and the last view is next to the input
+again, so linear would over-guide the view that the input constrains most. Measured on the toy
+recipe (docs/benchmarks.md) and selectable with `guidance_schedule="linear"`.
+
 The GTA weights survive save/load because the UNet component is a `GTAUNet`: the diffusers UNet
 class with GTA installed whose save/load use nova3d.models.unet's single-file format (full state
 dict + GTAConfig in the safetensors metadata). diffusers' own loader would rebuild plain
@@ -53,7 +70,8 @@ from nova3d.models.denoiser import ImageCondition, encode_image_condition, unet_
 from nova3d.models import edm
 from nova3d.models.gta import GTAConfig, install_gta, split_domains
 from nova3d.models.temporal_conv import use_fast_temporal_convs
-from nova3d.models.unet import WEIGHTS_NAME, load_gta_weights, read_gta_config, save_gta_weights
+from nova3d.models.unet import (WEIGHTS_NAME, checkpoint_temporal_blocks, load_gta_weights, read_gta_config,
+                                save_gta_weights)
 
 ImageInput = Union[PIL.Image.Image, Sequence[PIL.Image.Image], Tensor]
 SQRT3 = math.sqrt(3.0)
@@ -74,7 +92,9 @@ class GTAUNet(UNetSpatioTemporalConditionModel):
     @classmethod
     def build(cls, unet_config: Mapping[str, Any], gta: GTAConfig) -> "GTAUNet":
         """Random weights from a diffusers UNet config dict (tests, benchmarks)."""
-        return install_gta(cls.from_config(dict(unet_config)), gta)
+        unet = cls.from_config(dict(unet_config))
+        checkpoint_temporal_blocks(unet)
+        return install_gta(unet, gta)
 
     @classmethod
     def from_unet(cls, unet: UNetSpatioTemporalConditionModel) -> "GTAUNet":
@@ -89,8 +109,12 @@ class GTAUNet(UNetSpatioTemporalConditionModel):
             raise ValueError("the UNet has no GTA installed (nova3d.models.gta.install_gta); "
                              "use GTAConfig(num_domains=1) for a vanilla RGB-only UNet")
         with torch.device("meta"):  # no allocation: the weights are assigned from `unet`
-            new = install_gta(cls.from_config(unet.config), gta)
+            new = cls.from_config(unet.config)
+            checkpoint_temporal_blocks(new)
+            install_gta(new, gta)
         new.load_state_dict(unet.state_dict(), strict=True, assign=True)
+        if unet.is_gradient_checkpointing:
+            new.enable_gradient_checkpointing()
         source = dict(unet.named_parameters())
         for name, p in new.named_parameters():
             p.requires_grad_(source[name].requires_grad)
@@ -116,7 +140,9 @@ class GTAUNet(UNetSpatioTemporalConditionModel):
         if gta is None:
             raise ValueError(f"{weights} stores no GTAConfig in its metadata")
         with torch.device("meta"):
-            unet = install_gta(cls.from_config(cls.load_config(folder)), gta)
+            unet = cls.from_config(cls.load_config(folder))
+            checkpoint_temporal_blocks(unet)
+            install_gta(unet, gta)
         unet.to_empty(device="cpu")  # uninitialised storage, every entry overwritten by the strict load
         load_gta_weights(unet, weights, strict=True)
         if torch_dtype is not None:
@@ -304,11 +330,16 @@ class Nova3DPipeline(DiffusionPipeline):
     @torch.no_grad()
     def decode(self, latents: Tensor, output_type: str = "pt", decode_chunk_size: Optional[int] = None
                ) -> Nova3DPipelineOutput:
-        """Domain-major latents [D*B, F, 4, h, w] -> views, masks and cameras."""
+        """Domain-major latents [D*B, F, 4, h, w] -> views, masks and cameras.
+
+        Each of the D*B videos is decoded on its own, decode_chunk_size frames per VAE call
+        (None: the whole orbit in one call)."""
         if output_type not in ("pt", "pil"):
             raise ValueError(f"output_type must be 'pt' or 'pil', got {output_type!r}")
+        if decode_chunk_size is not None and decode_chunk_size < 1:
+            raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
         d, num_frames = self.num_domains, latents.shape[1]
-        frames = self.conditioner().decode_latents(latents, decode_chunk_size or num_frames)
+        frames = self.conditioner().decode_latents(latents, decode_chunk_size)
         views = split_domains(frames, d)  # [D, B, F, 3, H, W], about [-1, 1]
         rgb = ((views[0] + 1) / 2).clamp(0, 1)
         cameras = self.cameras(num_frames)
@@ -344,8 +375,9 @@ class Nova3DPipeline(DiffusionPipeline):
         image: PIL image(s) or [B, 3|4, H, W] in [0, 1], framed like the training renders
         (nova3d.preprocess.prepare_image). guidance: (min, max) per-frame CFG scales shaped by
         guidance_schedule: "triangle" (min at the input view, max opposite), "linear" (SVD) or
-        "constant" (max). Random draws, in SVD's order: condition noise augmentation, then the
-        initial latents, all from `generator`.
+        "constant" (max); the module docstring says why triangle is the default. decode_chunk_size:
+        frames per VAE decode call, per video (None: the whole orbit). Random draws, in SVD's
+        order: condition noise augmentation, then the initial latents, all from `generator`.
         """
         num_frames = num_frames or self.config.num_frames
         if len(guidance) != 2:

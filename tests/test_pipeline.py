@@ -20,6 +20,7 @@ from nova3d.cli import main
 from nova3d.data import schema
 from nova3d.data.shards import read_object_folder
 from nova3d.errors import Nova3DError
+from nova3d.models import conditioning as C
 from nova3d.models import edm
 from nova3d.models.conditioning import build_tiny_components
 from nova3d.models.denoiser import unet_forward
@@ -280,3 +281,79 @@ def test_generate_bad_input_is_one_error_line(case, saved, tmp_path, capsys):
     assert code != 0 and len(err.splitlines()) == 1 and err.startswith("nova3d generate: error:")
     assert (str(model) if case == "missing_model" else "input.png") in err
     assert not (tmp_path / "gen" / "input").exists()
+
+
+# ---------------------------------------------------------------- decoding in chunks (issue 14)
+
+
+def _decode_calls(monkeypatch) -> list[int]:
+    """Frames per VAE decode call, recorded."""
+    calls: list[int] = []
+    real = C.decode_frames
+
+    def spy(vae, z, num_frames):
+        calls.append(z.shape[0])
+        assert z.shape[0] == num_frames  # one video's chunk per call, never frames of two videos
+        return real(vae, z, num_frames)
+
+    monkeypatch.setattr(C, "decode_frames", spy)
+    return calls
+
+
+def test_decode_is_per_video_and_covers_the_orbit_by_default(pipe, monkeypatch):
+    z = torch.randn(2 * 2, FRAMES, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(7))  # D=2, B=2
+    calls = _decode_calls(monkeypatch)
+    whole = pipe.decode(z)
+    assert calls == [FRAMES] * 4  # one call per video, the whole orbit at once
+    # Per video == the videos decoded one by one (B does not change what a video decodes to).
+    for v in range(4):
+        alone = pipe.decode(z[v : v + 1].repeat(2, 1, 1, 1, 1))  # one object, both domains the same video
+        d, b = divmod(v, 2)
+        ref = alone.rgb[0] if d == 0 else alone.normals[0]
+        got = whole.rgb[b] if d == 0 else whole.normals[b]
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    calls.clear()
+    chunked = pipe.decode(z, decode_chunk_size=3)
+    assert calls == [3, 1] * 4
+    # A chunk covering the orbit is the one-shot decode, exactly.
+    calls.clear()
+    covered = pipe.decode(z, decode_chunk_size=FRAMES)
+    assert calls == [FRAMES] * 4 and torch.equal(covered.rgb, whole.rgb) and torch.equal(covered.normals, whole.normals)
+    # The temporal decoder mixes frames, so shorter chunks do change the views (why the default covers the orbit).
+    assert not torch.allclose(chunked.rgb, whole.rgb, atol=1e-4)
+    with pytest.raises(ValueError, match="decode_chunk_size"):
+        pipe.decode(z, decode_chunk_size=0)
+
+
+def test_per_image_vae_chunks_decode_exactly_as_one_shot():
+    """A per-image VAE (the toy recipe's AutoencoderKL): chunking changes nothing but memory."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1).eval()
+    image_encoder, _, _ = build_tiny_components(0)
+    cond = C.Conditioner(image_encoder, vae)
+    z = torch.randn(2, 5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cond.decode_latents(z, 2), cond.decode_latents(z), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "float8"], "--dtype must be one of"),
+    (["--decode-chunk-size", "0"], "--decode-chunk-size must be >= 1"),
+])
+def test_generate_bad_precision_options_are_one_error_line(args, message, saved, tmp_path, capsys):
+    image = _rgba_png(tmp_path / "input.png", size=64)
+    code = main(["generate", "--image", str(image), "--model", str(saved), "--out", str(tmp_path / "gen"),
+                 "--steps", "1", *args])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and message in err
+
+
+def test_generate_in_bfloat16_writes_an_object_folder(saved, tmp_path, capsys):
+    image = _rgba_png(tmp_path / "box.png", size=64, box=(12, 8, 44, 56))
+    args = ["generate", "--image", str(image), "--model", str(saved), "--out", str(tmp_path / "gen"),
+            "--steps", "2", "--device", "cpu", "--dtype", "bfloat16", "--decode-chunk-size", "2"]
+    assert main(args) == 0
+    meta = schema.ObjectMeta.load(tmp_path / "gen" / "box" / schema.META_FILE)
+    assert meta.settings["dtype"] == "bfloat16" and meta.settings["decode_chunk_size"] == 2

@@ -13,13 +13,21 @@ Conventions, all as StableVideoDiffusionPipeline does them:
   multiplied by ``vae.config.scaling_factor`` (0.18215), and decode_latents divides it back out.
 * CLIP input: [-1, 1] -> antialiased bicubic resize to the encoder's size (224) -> [0, 1] ->
   CLIP mean/std. Tensor in, tensor out, so it runs on the GPU inside a training step.
+
+Precision (issue 14): every encode/decode runs with autocast **off**, in the dtype of the loaded
+weights, so a training step under Lightning's ``bf16-mixed`` sees exactly the float32 condition
+and targets that sampling from a float32 pipeline computes (tests/test_precision.py). A float16
+VAE whose config says ``force_upcast`` (SVD's) is upcast to float32 to *encode*, and decodes in
+float16, as StableVideoDiffusionPipeline does; CLIP runs in its own dtype (float16 in an fp16
+pipeline, as SVD's). A bfloat16 VAE is used as it is (bfloat16 has float32's range).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -92,6 +100,25 @@ class Conditioner(nn.Module):
     def _vae_in(self, x: Tensor) -> Tensor:
         return x.to(device=self.vae.device, dtype=self.vae.dtype)
 
+    @property
+    def vae_needs_upcast(self) -> bool:
+        """True for a float16 VAE with force_upcast in its config (SVD's): it encodes in float32."""
+        return self.vae.dtype == torch.float16 and bool(self.vae.config.get("force_upcast", False))
+
+    @contextlib.contextmanager
+    def _encoding(self) -> Iterator[None]:
+        """Autocast off (the frozen conditioner computes in its weights' dtype whatever the caller's
+        autocast, e.g. Lightning bf16-mixed) and, when vae_needs_upcast, the VAE in float32 (restored after)."""
+        upcast = self.vae_needs_upcast
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            with no_autocast(self.clip_mean.device):
+                yield
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
+
     # ------------------------------------------------------------ CLIP
 
     def clip_preprocess(self, images: Tensor) -> Tensor:
@@ -107,8 +134,9 @@ class Conditioner(nn.Module):
     @torch.no_grad()
     def encode_image_clip(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [-1, 1] -> image embeddings [B, 1, D] (the UNet's encoder_hidden_states)."""
-        pixels = self.clip_preprocess(images).to(self.image_encoder.dtype)
-        return self.image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1)
+        with no_autocast(self.clip_mean.device):
+            pixels = self.clip_preprocess(images).to(self.image_encoder.dtype)
+            return self.image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1)
 
     # ------------------------------------------------------------ VAE
 
@@ -124,7 +152,8 @@ class Conditioner(nn.Module):
         noise_aug_strength: float or [B]; the same value goes into the UNet's added time ids.
         """
         noisy = noise_augment(images.float(), noise_aug_strength, generator)
-        return self.vae.encode(self._vae_in(noisy)).latent_dist.mode()
+        with self._encoding():
+            return self.vae.encode(self._vae_in(noisy)).latent_dist.mode()
 
     @torch.no_grad()
     def encode_frames(
@@ -144,28 +173,44 @@ class Conditioner(nn.Module):
         flat = frames.flatten(0, 1)
         step = chunk_size or flat.shape[0]
         out = []
-        for i in range(0, flat.shape[0], step):
-            dist = self.vae.encode(self._vae_in(flat[i : i + step])).latent_dist
-            out.append(dist.sample(generator) if sample else dist.mode())
+        with self._encoding():
+            for i in range(0, flat.shape[0], step):
+                dist = self.vae.encode(self._vae_in(flat[i : i + step])).latent_dist
+                out.append(dist.sample(generator) if sample else dist.mode())
         latents = torch.cat(out) * self.scaling_factor
         return latents.unflatten(0, (b, f))
 
     @torch.no_grad()
-    def decode_latents(self, latents: Tensor, decode_chunk_size: int = 14) -> Tensor:
+    def decode_latents(self, latents: Tensor, decode_chunk_size: Optional[int] = None) -> Tensor:
         """Target latents [B, F, 4, h, w] -> frames [B, F, 3, H, W] float32, about [-1, 1].
 
-        The temporal decoder mixes frames, so chunks are cut along each video's frame axis
-        (the pipeline chunks the flattened batch, which would mix videos when B > 1); with
-        B = 1 this is exactly the pipeline's decode_latents (frames-first layout).
+        One video at a time, in chunks of decode_chunk_size frames (None: the whole video, so the
+        temporal decoder sees the full orbit at once; smaller chunks bound memory, and each chunk
+        is then decoded as a short video of its own). Peak memory is that of one chunk of one video
+        whatever B is. With B = 1 this is exactly the SVD pipeline's decode_latents.
         """
         b, f = latents.shape[:2]
-        z = self._vae_in(latents / self.scaling_factor)
-        chunks = []
-        for i in range(0, f, decode_chunk_size):
-            part = z[:, i : i + decode_chunk_size]
-            n = part.shape[1]
-            chunks.append(decode_frames(self.vae, part.flatten(0, 1), n).unflatten(0, (b, n)))
-        return torch.cat(chunks, dim=1).float()
+        step = f if decode_chunk_size is None else decode_chunk_size
+        if step < 1:
+            raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+        out = torch.empty(0)
+        with no_autocast(self.clip_mean.device):
+            for v in range(b):
+                z = self._vae_in(latents[v] / self.scaling_factor)  # [F, 4, h, w]
+                frames = torch.cat([decode_frames(self.vae, z[i : i + step], z[i : i + step].shape[0]).float()
+                                    for i in range(0, f, step)])
+                if v == 0:
+                    out = frames.new_empty((b, *frames.shape))
+                out[v] = frames
+        return out
+
+
+def no_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for `device`'s type (a no-op where autocast does not exist)."""
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def decode_frames(vae: AutoencoderKLTemporalDecoder | AutoencoderKL, z: Tensor, num_frames: int) -> Tensor:

@@ -31,6 +31,14 @@ D*M query rows against L keys. `all_domains` adds D*L keys per row (the attentio
 GTA step 1.40x vanilla on the mid CPU config); `other_domains` adds (D-1)*L (the core doubles,
 1.2x). Fusing the two branches (one Q/K/V matmul over concatenated weights, one output matmul,
 strided SDPA views) measured within noise of this plain form, so the plain form stays.
+
+Guard (issue 14): the attention layers that hold a GTA processor become `GTAGuardedAttention`
+(same class otherwise, same state dict), whose `set_processor` refuses to replace a GTA processor
+by anything else. Every diffusers path that swaps processors ends there: `set_attn_processor`,
+`set_default_attn_processor`, `enable_xformers_memory_efficient_attention`, `fuse_qkv_projections`,
+`set_attention_slice`. Without the guard each of them silently drops the `gta_*` weights with an
+info log. GTA already runs through scaled_dot_product_attention (flash / memory-efficient kernels
+on GPU), so xformers brings nothing; to run without GTA, build with GTAConfig(spatial=False, temporal=False).
 """
 from __future__ import annotations
 
@@ -236,6 +244,24 @@ def _gta_layer_names(processor_names: Iterable[str], gta: GTAConfig) -> dict[str
     return chosen
 
 
+class GTAProcessorReplaced(RuntimeError):
+    """Something tried to replace a GTA attention processor (which would drop its trained weights)."""
+
+
+class GTAGuardedAttention(Attention):
+    """diffusers' Attention whose GTA processor cannot be replaced by a non-GTA one (module docstring)."""
+
+    def set_processor(self, processor) -> None:
+        current = self.__dict__.get("_modules", {}).get("processor")
+        if isinstance(current, GTAAttnProcessor) and not isinstance(processor, GTAAttnProcessor):
+            raise GTAProcessorReplaced(
+                f"refusing to replace a GTA attention processor by {type(processor).__name__}: its trained gta_* "
+                "weights would be dropped (set_attn_processor / set_default_attn_processor / xformers / "
+                "fuse_qkv_projections). GTA already uses scaled_dot_product_attention; to run without GTA build "
+                "the UNet with GTAConfig(spatial=False, temporal=False)")
+        super().set_processor(processor)
+
+
 def install_gta(unet: nn.Module, gta: GTAConfig) -> nn.Module:
     """Install GTA in place on a diffusers `UNetSpatioTemporalConditionModel`; returns it.
 
@@ -256,6 +282,10 @@ def install_gta(unet: nn.Module, gta: GTAConfig) -> nn.Module:
         frames = gta.max_frames if (level == "temporal" and gta.frame_embedding) else 0
         processors[name] = GTAAttnProcessor(attn, gta.num_domains, frame_embed_len=frames, keys=gta.keys)
     unet.set_attn_processor(processors)  # by layer name; untouched layers keep their processor
+    for name in chosen:  # from now on, replacing these processors is an error
+        attn = modules[name.removesuffix(".processor")]
+        if type(attn) is Attention:
+            attn.__class__ = GTAGuardedAttention
     if gta.domain_embedding:
         w = unet.time_embedding.linear_2.weight
         unet.gta_domain_embedding = DomainEmbedding(gta.num_domains, w.shape[0], w.device, w.dtype)

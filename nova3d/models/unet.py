@@ -7,6 +7,14 @@ in the safetensors metadata. Rebuild the model the same way it was trained (`loa
 
 Don't `save_pretrained` a GTA-UNet and reload it with diffusers: diffusers would rebuild plain
 processors and drop the `gta_*` weights as unexpected keys.
+
+Gradient checkpointing (issue 14): diffusers' `enable_gradient_checkpointing` checkpoints the
+resnets and the *spatial* transformer blocks of SVD's UNet, but not the temporal transformer
+blocks, where temporal GTA lives. `checkpoint_temporal_blocks` (applied by every builder here and
+in nova3d.pipeline) turns each `TemporalBasicTransformerBlock` into `CheckpointedTemporalBlock`:
+same weights and outputs, plus the `gradient_checkpointing` flag that diffusers' own
+enable/disable switch flips, so `model.gradient_checkpointing: true` covers them too.
+bench/memory_ladder.py measures what that saves.
 """
 from __future__ import annotations
 
@@ -17,8 +25,10 @@ from typing import Any, Mapping
 
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
+from diffusers.models.attention import TemporalBasicTransformerBlock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 from nova3d.models.gta import GTAConfig, install_gta
 
@@ -28,9 +38,37 @@ _META_KEY = "nova3d_gta_config"
 WEIGHTS_NAME = "gta_unet.safetensors"  # the one weights file of a GTA-UNet folder (pipeline unet/)
 
 
+class CheckpointedTemporalBlock(TemporalBasicTransformerBlock):
+    """A TemporalBasicTransformerBlock that recomputes its activations in backward when
+    `gradient_checkpointing` is on (set by diffusers' enable_gradient_checkpointing)."""
+
+    gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, num_frames: int,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(super().forward, hidden_states, num_frames, encoder_hidden_states, use_reentrant=False)
+        return super().forward(hidden_states, num_frames, encoder_hidden_states)
+
+
+def checkpoint_temporal_blocks(unet: torch.nn.Module) -> int:
+    """Make `unet`'s temporal transformer blocks checkpointable (in place); returns how many.
+
+    The flag follows the UNet's: if checkpointing is already on, the blocks are switched on too."""
+    enabled = bool(getattr(unet, "is_gradient_checkpointing", False))
+    count = 0
+    for m in unet.modules():
+        if type(m) is TemporalBasicTransformerBlock:
+            m.__class__ = CheckpointedTemporalBlock
+            m.gradient_checkpointing = enabled
+            count += 1
+    return count
+
+
 def build_gta_unet(unet_config: Mapping[str, Any], gta: GTAConfig) -> UNetSpatioTemporalConditionModel:
     """Randomly initialised UNet from a diffusers config dict (keys starting with `_` ignored)."""
     unet = UNetSpatioTemporalConditionModel.from_config(dict(unet_config))
+    checkpoint_temporal_blocks(unet)
     return install_gta(unet, gta)
 
 
@@ -52,6 +90,7 @@ def load_gta_unet(
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     unet = UNetSpatioTemporalConditionModel.from_pretrained(os.fspath(pretrained), **kwargs)
+    checkpoint_temporal_blocks(unet)
     return install_gta(unet, gta)
 
 

@@ -160,6 +160,8 @@ class MultiViewDiffusion(L.LightningModule):
     # ------------------------------------------------------------ the diffusion loss
 
     def encode_condition(self, batch: MultiViewBatch, generator: Optional[torch.Generator]) -> ImageCondition:
+        # The frozen conditioner runs with autocast off, in float32 (nova3d.models.conditioning), so the
+        # condition is the one a float32 Nova3DPipeline computes for sampling (tests/test_precision.py).
         s = self.cfg.system
         return encode_image_condition(self.conditioner, batch.input_image * 2 - 1,
                                       noise_aug_strength=s.noise_aug_strength, fps=s.fps,
@@ -177,7 +179,7 @@ class MultiViewDiffusion(L.LightningModule):
         videos = stack_domains([DOMAIN_VIDEOS[d](batch) for d in self.domains])
         latents = self.conditioner.encode_frames(videos, sample=sample_posterior, generator=generator,
                                                  chunk_size=VAE_CHUNK)
-        return latents.float()  # targets stay float32 even when the VAE runs under bf16 autocast
+        return latents.float()  # float32 targets: the conditioner encodes with autocast off
 
     def diffusion_loss(self, latents: Tensor, noise: Tensor, sigma: Tensor, cond: ImageCondition) -> DomainLosses:
         """latents, noise: [D*B, V, 4, h, w]; sigma: [B], one per object and shared by its domains."""
@@ -268,7 +270,10 @@ class MultiViewDiffusion(L.LightningModule):
         guidance = guidance_schedule(s.val_guidance_schedule, num_views, *s.val_guidance)
         latents = sample(denoiser_fn, (num_domains * n, num_views, channels, h, w), karras_sigmas(s.val_sampling_steps),
                          guidance, generator=generator, device=self.device)
-        return split_domains(self.conditioner.decode_latents(latents), num_domains)
+        chunk = s.val_decode_chunk_size
+        if chunk is not None and chunk < 1:
+            raise Nova3DError(f"system.val_decode_chunk_size must be >= 1 or null, got {chunk}")
+        return split_domains(self.conditioner.decode_latents(latents, chunk), num_domains)
 
     def _log_sample_sheets(self, batch: MultiViewBatch, cond: ImageCondition, stage: str,
                            generator: torch.Generator) -> None:
