@@ -13,6 +13,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from nova3d.models.gta import (
     GTAAttnProcessor,
     GTAConfig,
+    GTAGuardedAttention,
+    GTAProcessorReplaced,
     gta_processor_names,
     install_gta,
     is_new_parameter,
@@ -22,6 +24,7 @@ from nova3d.models.gta import (
 )
 from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config
 from nova3d.models.unet import (
+    CheckpointedTemporalBlock,
     build_gta_unet,
     load_gta_unet,
     load_gta_weights,
@@ -303,3 +306,90 @@ def test_install_twice_fails(vanilla):
     unet = install_gta(copy.deepcopy(vanilla), GTAConfig())
     with pytest.raises(RuntimeError):
         install_gta(unet, GTAConfig())
+
+
+# ---------------------------------------------------------------- issue 14: checkpointing and the guard
+
+
+def _step_peak_and_grads(unet, inputs) -> tuple[int, dict[str, torch.Tensor]]:
+    """Peak bytes of live tensors over forward + backward (bench/memory_ladder.py's tracker), and all grads."""
+    from bench.memory_ladder import LiveTensorTracker
+
+    unet.zero_grad(set_to_none=True)
+    tracker = LiveTensorTracker()
+    tracker.track([*unet.parameters(), *inputs.values()])
+    with tracker:
+        _run(unet, inputs).square().mean().backward()
+    return tracker.peak, {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+
+def test_checkpointing_covers_the_temporal_blocks_same_gradients_less_memory():
+    unet = _gta(GTAConfig())
+    _randomize_new(unet)
+    temporal = [m for m in unet.modules() if isinstance(m, CheckpointedTemporalBlock)]
+    num_temporal = sum(level == "temporal" for level in gta_processor_names(unet).values())
+    assert len(temporal) == num_temporal > 0 and not any(m.gradient_checkpointing for m in temporal)
+    inputs = _inputs(batch=2)
+    peak_off, g_off = _step_peak_and_grads(unet, inputs)
+    unet.enable_gradient_checkpointing()  # diffusers' switch; the temporal blocks follow it
+    assert all(m.gradient_checkpointing for m in temporal)
+    for m in temporal:  # diffusers' coverage alone (what the UNet did before issue 14)
+        m.gradient_checkpointing = False
+    peak_diffusers, g_diffusers = _step_peak_and_grads(unet, inputs)
+    for m in temporal:
+        m.gradient_checkpointing = True
+    peak_full, g_full = _step_peak_and_grads(unet, inputs)
+    assert g_off.keys() == g_full.keys() and any(is_new_parameter(n) for n in g_full)
+    for name in g_off:  # recomputation gives the same gradients, GTA's temporal weights included
+        torch.testing.assert_close(g_full[name], g_off[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_diffusers[name], g_off[name], rtol=1e-5, atol=1e-6)
+    assert peak_full < peak_diffusers < peak_off, (peak_full, peak_diffusers, peak_off)
+    unet.disable_gradient_checkpointing()
+    assert not any(m.gradient_checkpointing for m in temporal)
+
+
+def test_every_builder_makes_temporal_blocks_checkpointable(tmp_path):
+    from nova3d.pipeline import GTAUNet
+
+    built = GTAUNet.build(tiny_unet_config(), GTAConfig())
+    built.enable_gradient_checkpointing()
+    copied = GTAUNet.from_unet(_gta(GTAConfig()))
+    built.save_pretrained(tmp_path)
+    for unet in (built, copied, GTAUNet.from_pretrained(tmp_path)):
+        assert sum(isinstance(m, CheckpointedTemporalBlock) for m in unet.modules()) == 4  # tiny UNet: 4 levels
+    assert all(m.gradient_checkpointing for m in built.modules() if isinstance(m, CheckpointedTemporalBlock))
+
+
+@pytest.mark.parametrize("replace", ["set_attn_processor", "set_attn_processor_dict", "set_default_attn_processor",
+                                     "layer_set_processor"])
+def test_replacing_gta_processors_is_an_error(replace):
+    unet = _gta(GTAConfig())
+    _randomize_new(unet)
+    before = {k: v.clone() for k, v in unet.state_dict().items() if is_new_parameter(k)}
+    names = gta_processor_names(unet)
+    with pytest.raises((GTAProcessorReplaced, ValueError)) as err:
+        if replace == "set_attn_processor":
+            unet.set_attn_processor(AttnProcessor2_0())
+        elif replace == "set_attn_processor_dict":
+            unet.set_attn_processor({name: AttnProcessor2_0() for name in unet.attn_processors})
+        elif replace == "set_default_attn_processor":
+            unet.set_default_attn_processor()
+        else:
+            attn = dict(unet.named_modules())[next(iter(names)).removesuffix(".processor")]
+            attn.set_processor(AttnProcessor2_0())
+    if err.type is ValueError:  # diffusers' own refusal (it knows no GTA processor): fine as long as it refuses
+        assert "GTAAttnProcessor" in str(err.value)
+    assert gta_processor_names(unet) == names  # nothing replaced, no weight dropped
+    after = {k: v for k, v in unet.state_dict().items() if is_new_parameter(k)}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_guard_lets_gta_processors_replace_each_other_and_spares_other_layers():
+    unet = _gta(GTAConfig())
+    name = next(iter(gta_processor_names(unet)))
+    attn = dict(unet.named_modules())[name.removesuffix(".processor")]
+    assert isinstance(attn, GTAGuardedAttention)
+    attn.set_processor(GTAAttnProcessor(attn, num_domains=2))  # GTA by GTA: allowed
+    cross = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
+    assert type(cross) is Attention
+    cross.set_processor(AttnProcessor2_0())  # layers without GTA are untouched by the guard

@@ -35,8 +35,8 @@ strided SDPA views) measured within noise of this plain form, so the plain form 
 Guard (issue 14): the attention layers that hold a GTA processor become `GTAGuardedAttention`
 (same class otherwise, same state dict), whose `set_processor` refuses to replace a GTA processor
 by anything else. Every diffusers path that swaps processors ends there: `set_attn_processor`,
-`set_default_attn_processor`, `enable_xformers_memory_efficient_attention`, `fuse_qkv_projections`,
-`set_attention_slice`. Without the guard each of them silently drops the `gta_*` weights with an
+`set_default_attn_processor` (diffusers refuses it already: it knows no GTA processor),
+`enable_xformers_memory_efficient_attention`, `set_attention_slice`. Without the guard each of them silently drops the `gta_*` weights with an
 info log. GTA already runs through scaled_dot_product_attention (flash / memory-efficient kernels
 on GPU), so xformers brings nothing; to run without GTA, build with GTAConfig(spatial=False, temporal=False).
 """
@@ -256,8 +256,7 @@ class GTAGuardedAttention(Attention):
         if isinstance(current, GTAAttnProcessor) and not isinstance(processor, GTAAttnProcessor):
             raise GTAProcessorReplaced(
                 f"refusing to replace a GTA attention processor by {type(processor).__name__}: its trained gta_* "
-                "weights would be dropped (set_attn_processor / set_default_attn_processor / xformers / "
-                "fuse_qkv_projections). GTA already uses scaled_dot_product_attention; to run without GTA build "
+                "weights would be dropped (set_attn_processor / set_default_attn_processor / xformers). GTA already uses scaled_dot_product_attention; to run without GTA build "
                 "the UNet with GTAConfig(spatial=False, temporal=False)")
         super().set_processor(processor)
 
