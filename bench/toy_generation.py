@@ -44,6 +44,7 @@ from nova3d.eval import generated_views as gv  # noqa: E402
 KEYS = ("psnr_generated", "ssim_generated", "psnr_view0", "psnr_baseline", "normal_error_deg_generated",
         "normal_error_deg_baseline", "rgb_normal_mask_iou", "chamfer_fused", "iou_fused", "chamfer_true_views",
         "iou_true_views", "objects")
+PROTOCOL = "nova3d"  # meshes scored as stored, in the GT renders' frame: scale and placement errors count
 TRUE_VIEWS = "true_views"  # OUT/true_views: the same fusion on the true renders (the reference)
 TRAIN_MEAN_OBJECTS = 200
 
@@ -86,13 +87,13 @@ def true_views_reference(objects: list[Path], out: Path, fusion: tuple[str, ...]
 
     from nova3d.eval.protocol import get_protocol
 
-    key = {"objects": [f.name for f in objects], "fusion": list(fusion), "resolution": resolution}
+    key = {"objects": [f.name for f in objects], "fusion": list(fusion), "resolution": resolution, "protocol": PROTOCOL}
     cache = out / TRUE_VIEWS / "reference.json"
     if cache.is_file():
         stored = _json.loads(cache.read_text())
         if stored.get("key") == key:
             return stored
-    protocol = get_protocol("gso", image_size=resolution, lpips=False)
+    protocol = get_protocol(PROTOCOL, image_size=resolution, lpips=False)
     per_object = []
     for folder in objects:
         t = time.perf_counter()
@@ -114,7 +115,7 @@ def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, 
     from nova3d.generate import GenerateSettings, generate_into, load_pipeline
 
     pipe = load_pipeline(model, torch.device("cpu"))
-    protocol = get_protocol("gso", image_size=pipe.config.resolution, lpips=False)
+    protocol = get_protocol(PROTOCOL, image_size=pipe.config.resolution, lpips=False)
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     scores, results, per_object, gen_seconds, fuse_seconds = [], [], [], [], []

@@ -197,7 +197,7 @@ def score_mesh(mesh_path: str | Path, gt_folder: str | Path, out_dir: str | Path
     from nova3d.eval.protocol import PROTOCOLS, evaluate_object, protocol_overrides, versions
     from nova3d.eval.results import EvalSummary
 
-    protocol = protocol or PROTOCOLS["gso"]
+    protocol = protocol or PROTOCOLS["nova3d"]
     if lpips is None:
         lpips = load_lpips(protocol.lpips_net) if protocol.lpips else (None, "LPIPS disabled by the protocol")
     result = evaluate_object(mesh_path, gt_folder, protocol, lpips_fn=lpips[0])
@@ -269,7 +269,7 @@ def _perturb_fuse_score(gt_folder: Path, out: Path, fusion_overrides: Sequence[s
     sheet = views_sheet(gt_folder, perturbed, out / VIEWS_SHEET)
     seconds["perturb"] = time.perf_counter() - t
 
-    proto = protocol or get_protocol("gso")
+    proto = protocol or get_protocol("nova3d")
     lpips = load_lpips(proto.lpips_net) if proto.lpips else (None, "LPIPS disabled by the protocol")
     results, conflict_png = {}, None
     for name in runs:

@@ -140,7 +140,7 @@ def _generate_and_fuse(out: Path, gt: Path, model: Path, index: dict, steps: int
         f"normal error {scores.mean('normal_error_deg'):.1f} deg ({baseline.mean('normal_error_deg'):.1f}), "
         f"RGB-normal mask IoU {scores.mean('mask_iou'):.3f}")
 
-    protocol = get_protocol("gso", image_size=int(index["resolution"]), lpips=False)
+    protocol = get_protocol("nova3d", image_size=int(index["resolution"]), lpips=False)
     results = {}
     for name, experiment in jobs.items():
         t = time.perf_counter()
