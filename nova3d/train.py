@@ -79,7 +79,7 @@ def build_trainer(cfg: ExperimentConfig, run: RunDir, extra_callbacks: Sequence[
     with quiet_lightning():  # Lightning's srun hint on a local run (nova3d.lightning_warnings)
         return L.Trainer(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-            precision=resolve_precision(t), max_steps=t.max_steps,
+            precision=resolve_precision(t), max_steps=t.max_steps, max_time=t.max_time,
             accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
             # Validation every N global steps across epochs (an epoch is only the loader's with_epoch length).
             val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,

@@ -137,3 +137,14 @@ def test_bad_recipe_values_are_refused(override, shards, tmp_path):
     cfg = load_experiment("tiny", fast_overrides(shards, tmp_path) + [override])
     with pytest.raises(Nova3DError, match=override.split("=")[0].replace(".", r"\.")):
         MultiViewDiffusion(cfg)
+
+
+def test_wall_clock_cap_stops_the_run_with_a_checkpoint_to_resume(shards, tmp_path):
+    cfg = load_experiment("tiny", fast_overrides(shards, tmp_path) + [
+        "trainer.max_time=00:00:00:01", "trainer.max_steps=10000", "trainer.checkpoint_every_n_steps=10000",
+        "trainer.val_check_interval=10000", "system.val_num_objects=0"])
+    trainer = run_training(cfg, ["capped"])
+    step = trainer.global_step
+    assert 1 <= step < 10000
+    saved = torch.load(run_dir_for(cfg).last_checkpoint, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == step
