@@ -40,23 +40,29 @@ def batch_of(overrides: list[str]) -> int:
     return next((int(o.split("=")[1]) for o in overrides if o.startswith("data.batch_size=")), 1)
 
 
-def train_arm(name: str, overrides: list[str], samples: int, init: Path, root: Path) -> tuple[Path, float]:
-    steps = max(1, samples // batch_of(overrides))
-    cmd = [PY, "-m", "nova3d.train", "toy", *overrides, f"model.init_from={init}", f"trainer.max_steps={steps}",
-           f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=8", "system.val_num_objects=1",
-           f"trainer.checkpoint_every_n_steps={max(1, steps // 4)}", "system.warmup_steps=20",
-           f"logging.root={root / name}"]
+def train_and_export(name: str, experiment: str, overrides: list[str], root: Path) -> tuple[Path, float]:
+    """`python -m nova3d.train EXPERIMENT OVERRIDES` in ROOT/NAME (one thread; a rerun resumes or skips a
+    finished run), then `nova3d export` of its EMA weights to ROOT/NAME/export. Returns (export, seconds)."""
+    cmd = [PY, "-m", "nova3d.train", experiment, *overrides, f"logging.root={root / name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
-    with open(root / f"{name}.log", "w") as log:
+    with open(root / f"{name}.log", "a") as log:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
-        raise SystemExit(f"toy_pilots: arm {name} failed (exit {done.returncode}); see {root / name}.log")
-    run = root / name / "toy" / "local"
+        raise SystemExit(f"{Path(sys.argv[0]).name}: run {name} failed (exit {done.returncode}); see {root / name}.log")
+    run = root / name / experiment / "local"
     export = root / name / "export"
     subprocess.run([PY, "-m", "nova3d.cli", "export", str(run), "--out", str(export), "--overwrite"], check=True,
                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     return export, time.perf_counter() - start
+
+
+def train_arm(name: str, overrides: list[str], samples: int, init: Path, root: Path) -> tuple[Path, float]:
+    steps = max(1, samples // batch_of(overrides))
+    return train_and_export(name, "toy", [
+        *overrides, f"model.init_from={init}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+        "trainer.limit_val_batches=8", "system.val_num_objects=1",
+        f"trainer.checkpoint_every_n_steps={max(1, steps // 4)}", "system.warmup_steps=20"], root)
 
 
 def main(argv: list[str] | None = None) -> int:
