@@ -172,7 +172,7 @@ def conditioner_bytes(arch: str) -> int:
     return sum(p.numel() * 4 for p in cond.parameters())
 
 
-def vae_encode_peak(arch: str, side: int) -> int:
+def vae_encode_peak(arch: str, side: int, dtype: torch.dtype = torch.float32) -> int:
     """Transient bytes of one VAE encode call of VAE_CHUNK images at side x side pixels (fake tensors)."""
     if arch != "svd_xt":
         return 0
@@ -180,8 +180,13 @@ def vae_encode_peak(arch: str, side: int) -> int:
 
     from nova3d.models.factory import svd_xt_vae_config
 
-    vae = AutoencoderKLTemporalDecoder(**svd_xt_vae_config()).eval()
-    x = torch.randn(VAE_CHUNK, 3, side, side)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # .to() cannot swap fake parameters
+    try:
+        vae = AutoencoderKLTemporalDecoder(**svd_xt_vae_config()).eval()
+    finally:
+        torch.set_default_dtype(default)
+    x = torch.randn(VAE_CHUNK, 3, side, side, dtype=dtype)
     tracker = LiveTensorTracker()
     with torch.no_grad(), tracker:
         vae.encode(x).latent_dist.sample()
@@ -189,7 +194,7 @@ def vae_encode_peak(arch: str, side: int) -> int:
 
 
 def step_memory(arch: str, model: str, checkpointing: str, latent: int, frames: int, *, fake: bool = True,
-                precision: str = "bf16-mixed", optimizer: str = "adamw") -> dict[str, Any]:
+                precision: str = "bf16-mixed", optimizer: str = "adamw", batch: int = 1) -> dict[str, Any]:
     """Peak bytes of one steady-state training step (module docstring); fake=False runs real tensors."""
     with torch.random.fork_rng(devices=[]), (torch._subclasses.FakeTensorMode() if fake else nullcontext()):
         torch.manual_seed(0)
@@ -202,7 +207,7 @@ def step_memory(arch: str, model: str, checkpointing: str, latent: int, frames: 
         opt.step()
         opt.zero_grad(set_to_none=True)
         cfg = unet.config
-        n = DOMAINS
+        n = DOMAINS * batch  # objects x domains, domain-major
         dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
         x = torch.randn(n, frames, cfg.in_channels, latent, latent, dtype=dtype)
         ehs = torch.randn(n, 1, cfg.cross_attention_dim, dtype=dtype)
@@ -234,21 +239,25 @@ def step_memory(arch: str, model: str, checkpointing: str, latent: int, frames: 
 
 
 def ladder_row(resolution: int, views: int, checkpointing: str, model: str, precision: str = "bf16-mixed",
-               optimizer: str = "adamw", arch: str = "svd_xt") -> dict[str, Any]:
+               optimizer: str = "adamw", arch: str = "svd_xt", batch: int = 1) -> dict[str, Any]:
     """One row: the UNet step's peak plus the conditioner's weights, or the UNet's state plus the
     VAE encode transient if that is higher (the encode runs before the UNet's forward)."""
     t0 = time.perf_counter()
     latent = resolution // LATENT_SCALE[arch]
-    unet = step_memory(arch, model, checkpointing, latent, views, precision=precision, optimizer=optimizer)
+    unet = step_memory(arch, model, checkpointing, latent, views, precision=precision, optimizer=optimizer,
+                       batch=batch)
     with torch._subclasses.FakeTensorMode():
-        encode = vae_encode_peak(arch, resolution)
+        encode = vae_encode_peak(arch, resolution, torch.bfloat16 if precision == "bf16-true" else torch.float32)
     cond = conditioner_bytes(arch) // (2 if precision == "bf16-true" else 1)  # bf16-true converts it too
     peak = cond + max(unet["peak_bytes"], unet["resident_bytes"] + encode)
     return {"resolution": resolution, "views": views, "checkpointing": checkpointing == "full",
             "checkpointing_kind": checkpointing, "model": model, "precision": precision, "optimizer": optimizer,
-            "batch_per_gpu": 1, "predicted_peak_gib": round(peak / GIB, 2),
+            "batch_per_gpu": batch, "predicted_peak_gib": round(peak / GIB, 2),
             "unet_step_peak_gib": round(unet["peak_bytes"] / GIB, 2),
-            "activations_peak_gib": round((unet["peak_bytes"] - unet["resident_bytes"]) / GIB, 2),
+            # above the resident weights + optimizer states: at the end of forward (activations kept
+            # for backward) and over the whole step (gradients and optimizer-step temporaries included)
+            "forward_activations_gib": round((unet["peak_forward_bytes"] - unet["resident_bytes"]) / GIB, 2),
+            "step_above_resident_gib": round((unet["peak_bytes"] - unet["resident_bytes"]) / GIB, 2),
             "weights_gib": round(unet["weights_bytes"] / GIB, 2), "optimizer_gib": round(unet["optimizer_bytes"] / GIB, 2),
             "conditioner_gib": round(cond / GIB, 2), "vae_encode_transient_gib": round(encode / GIB, 2),
             "unet_params_b": unet["params_b"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -287,11 +296,12 @@ def validation_row(arch: str, model: str, checkpointing: str, latent: int, frame
 # ---------------------------------------------------------------- main
 
 LADDER = [(512, 16), (256, 16), (512, 6)]  # the recipe, half resolution, views_6
-RECIPES = {  # docs/training_recipes.md: experiments/recipes/*.yaml
-    "gpu80gb": dict(resolution=512, views=16, checkpointing="full", model="gta"),
-    "gpu48gb": dict(resolution=512, views=16, checkpointing="full", model="gta", optimizer="adamw8bit"),
-    "gpu24gb": dict(resolution=256, views=16, checkpointing="full", model="gta", precision="bf16-true"),
-    "gpu24gb_views6": dict(resolution=512, views=6, checkpointing="full", model="gta", precision="bf16-true"),
+RECIPES = {  # docs/training_recipes.md: experiments/recipes/*.yaml (and one that needs code: adamw8bit)
+    "gpu80gb": dict(resolution=512, views=16, checkpointing="full", model="gta", batch=2),
+    "gpu48gb": dict(resolution=512, views=16, checkpointing="full", model="gta"),
+    "gpu24gb": dict(resolution=512, views=16, checkpointing="full", model="gta", precision="bf16-true"),
+    "gpu24gb_256": dict(resolution=256, views=16, checkpointing="full", model="gta", precision="bf16-true"),
+    "adamw8bit_512": dict(resolution=512, views=16, checkpointing="full", model="gta", optimizer="adamw8bit"),
 }
 
 
@@ -312,7 +322,8 @@ def run(quick: bool, toy: bool = False) -> dict[str, Any]:
     print(json.dumps(rows[-1]), flush=True)
     recipes = {}
     for name, kw in RECIPES.items():
-        if kw.get("optimizer", "adamw") == "adamw" and kw.get("precision", "bf16-mixed") == "bf16-mixed":
+        if (kw.get("optimizer", "adamw") == "adamw" and kw.get("precision", "bf16-mixed") == "bf16-mixed"
+                and kw.get("batch", 1) == 1):
             same = [r for r in rows if r["resolution"] == kw["resolution"] and r["views"] == kw["views"]
                     and r["checkpointing_kind"] == kw["checkpointing"] and r["model"] == kw["model"]]
             if same:
