@@ -9,7 +9,6 @@ meta.json (source "generated:<model folder>"). Written as <id>.partial, then ren
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,10 @@ import torch
 
 from nova3d.data import schema
 from nova3d.devices import resolve_device
+from nova3d import number_checks as num
 from nova3d.errors import Nova3DError
+from nova3d.weights_check import check_loaded_weights, check_pipeline_folder, check_safetensors  # noqa: F401
+from nova3d.weights_check import describe_load_error
 
 GUIDANCE_SCHEDULES = ("triangle", "linear", "constant")
 PIPELINE_CLASS = "Nova3DPipeline"
@@ -51,45 +53,14 @@ class GenerateSettings:
             raise Nova3DError(f"--schedule must be one of {GUIDANCE_SCHEDULES}, got {self.schedule!r}")
         if len(self.guidance) != 2 or min(self.guidance) < 0:
             raise Nova3DError(f"--guidance takes MIN MAX (non-negative), got {list(self.guidance)}")
+        for g in self.guidance:  # NaN passes the test above; inf or 1e9 saturate every view
+            num.in_range("--guidance", g, 0, num.GUIDANCE_MAX)
+        num.seed("--seed", self.seed)
 
 
 def check_model_dir(model: str | Path) -> tuple[Path, dict]:
-    """(model folder, its model_index.json), or a Nova3DError saying why it is not a saved Nova3DPipeline."""
-    root = Path(model).expanduser()
-    if not root.is_dir():
-        raise Nova3DError(f"model folder {root} does not exist")
-    index = root / "model_index.json"
-    try:
-        config = json.loads(index.read_text())
-        class_name = config.get("_class_name")
-    except (OSError, ValueError) as err:
-        raise Nova3DError(f"{root} is not a pipeline folder: cannot read {index.name} ({err})") from err
-    if class_name != PIPELINE_CLASS:
-        raise Nova3DError(f"{root} holds a {class_name} folder, not a {PIPELINE_CLASS} (save one with "
-                          "Nova3DPipeline.save_pretrained)")
-    for weights in sorted(root.glob("*/*.safetensors")):
-        check_safetensors(weights)
-    return root, config
-
-
-def check_safetensors(path: Path) -> None:
-    """Nova3DError naming `path` if it is cut off or not safetensors: its header says where every
-    tensor ends, so this reads only the header, not the weights."""
-    try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len)) if 0 < header_len < 100_000_000 else None
-    except (OSError, ValueError) as err:
-        raise Nova3DError(f"{path}: not a safetensors file ({err})") from err
-    if not isinstance(header, dict):
-        raise Nova3DError(f"{path}: not a safetensors file (no header)")
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, IndexError, ValueError) as err:
-        raise Nova3DError(f"{path}: not a safetensors file (bad header: {err!r})") from err
-    size, expected = path.stat().st_size, 8 + header_len + end
-    if size < expected:
-        raise Nova3DError(f"{path}: truncated ({size} of {expected} bytes); copy or export the model again")
+    """(model folder, its model_index.json), or a Nova3DError naming the file and what is wrong."""
+    return check_pipeline_folder(model)  # folder, index, every safetensors header (nova3d.weights_check)
 
 
 def load_pipeline(model: str | Path, device: torch.device, dtype: str = "float32"):
@@ -103,8 +74,9 @@ def load_pipeline(model: str | Path, device: torch.device, dtype: str = "float32
     try:  # low_cpu_mem_usage needs accelerate; saying so avoids diffusers' warning without it
         pipe = Nova3DPipeline.from_pretrained(str(root), low_cpu_mem_usage=is_accelerate_available(),
                                               dtype=DTYPES[dtype])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise Nova3DError(f"cannot load the pipeline from {root}: {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise describe_load_error(root, err) from err
+    check_loaded_weights(pipe, root)  # NaN/inf weights: one line naming the file, not blank views
     return pipe.to(device)
 
 
