@@ -11,7 +11,8 @@ CPU: float32, no checkpointing. Time = median over `reps` steps after warm-up, G
 alternated so load from other processes hits both alike. Peak memory = growth of the peak RSS
 (getrusage ru_maxrss) over the first step, each (config, model) in its own subprocess — it counts
 activations, gradients and allocator slack; weights are excluded.
-GPU: bf16 autocast on float32 weights + gradient checkpointing (the training setup); peak memory is
+GPU: bf16 autocast on float32 weights + gradient checkpointing, temporal blocks included (the training
+setup, nova3d.models.unet.checkpoint_temporal_blocks); peak memory is
 torch.cuda.max_memory_allocated over a step, weights and gradients included.
 Models: "gta" (the default GTA-UNet: the branch attends to the other domain's tokens),
 "gta_all_domains" (the joint form: the branch attends to both domains' tokens) and "vanilla".
@@ -45,6 +46,7 @@ from diffusers import UNetSpatioTemporalConditionModel  # noqa: E402
 
 from nova3d.models.gta import GTAConfig, install_gta  # noqa: E402
 from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config  # noqa: E402
+from nova3d.models.unet import checkpoint_temporal_blocks  # noqa: E402
 
 DOMAINS = 2
 # "gta" = the default GTA-UNet (branch keys: the other domain's tokens); "gta_all_domains" = the
@@ -77,6 +79,7 @@ def build(config: str, model: str, device: str = "cpu") -> UNetSpatioTemporalCon
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
         unet = UNetSpatioTemporalConditionModel.from_config(CONFIGS[config][0]())
+    checkpoint_temporal_blocks(unet)  # as every nova3d builder does: checkpointing covers the temporal blocks
     if model in GTA_MODELS:
         install_gta(unet, GTA_MODELS[model])
     return unet.train()
