@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,8 +40,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from nova3d.atomic import check_writable
     from nova3d.generate import GenerateSettings, generate_object
 
+    check_writable(args.out)  # before the weights load, not after sampling
     settings = GenerateSettings(steps=args.steps, seed=args.seed, guidance=tuple(args.guidance),
                                 schedule=args.schedule, device=args.device, dtype=args.dtype,
                                 decode_chunk_size=args.decode_chunk_size)
@@ -78,7 +81,7 @@ def _perturb(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from nova3d.atomic import MARKER
+    from nova3d.atomic import MARKER, check_writable
     from nova3d.devices import resolve_device
     from nova3d.eval.protocol import evaluate_set, get_protocol
     from nova3d.eval.protocols import describe_protocols
@@ -93,6 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
                                    ("chamfer_depth", args.chamfer_depth or None), ("pred_frame", args.pred_frame),
                                    ("appearance", args.appearance)) if v is not None}
     protocol = get_protocol(args.protocol, **overrides)
+    check_writable(args.out)  # before any scoring
     had_result = (Path(args.out) / MARKER).is_file()
     summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=resolve_device(args.device),
                            views_dir=args.views, requested_as=args.protocol)
@@ -122,7 +126,8 @@ def _report(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace) -> int:
     from nova3d.fuse import fuse_object, load_fusion_config
 
-    result = fuse_object(args.views, args.out, load_fusion_config(args.experiment, args.overrides))
+    result = fuse_object(args.views, args.out, load_fusion_config(args.experiment, args.overrides),
+                         log=lambda line: print(line, flush=True))
     m = result.metrics
     print(f"wrote {', '.join(str(p) for p in result.meshes.values())} ({m['faces']} faces) in {m['seconds_total']:.0f} s; "
           f"pictures, metrics.json and TensorBoard logs in {result.out_dir}")
@@ -267,12 +272,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nova3d.signals import exit_code, interrupts_as_errors
+
     args = _build_parser().parse_args(argv)
+    # `train` is python -m nova3d.train, whose SIGTERM/SIGUSR1 handling belongs to SLURM requeueing
+    signals = contextlib.nullcontext() if args.command == "train" else interrupts_as_errors()
     try:
-        return args.run(args)
+        with signals:
+            return args.run(args)
     except Nova3DError as err:
         print(f"nova3d {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ import lightning as L
 import numpy as np
 import torch
 
-from nova3d.atomic import atomic_path, staged_dir, write_json_atomic
+from nova3d.atomic import atomic_path, check_replaceable, staged_dir, write_json_atomic
 from nova3d.cameras import Cameras
 from nova3d.config import is_fusion_experiment, load_experiment, to_yaml
 from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
-from nova3d.fusion.config import FusionExperimentConfig
+from nova3d.fusion.config import FusionExperimentConfig, describe_budget, fit_budget
 from nova3d.fusion.underside import cut_unseen_underside
 from nova3d.fusion.view_colors import COLOR_SOURCES, ViewProjector, projected_color_fn
 from nova3d.fusion.views import FusionViews, load_views
@@ -162,11 +162,18 @@ def export_outputs(system: FusionSystem, out_dir: Path, full_views: FusionViews 
     return meshes, conflict, stats
 
 
-def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimentConfig | None = None) -> FuseResult:
-    """Fit one object folder and write everything into `out_dir` (see the module docstring)."""
+def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimentConfig | None = None,
+                log=None) -> FuseResult:
+    """Fit one object folder and write everything into `out_dir` (see the module docstring).
+    optim.budget is resolved for the views' resolution (fit_budget); `log(str)` hears which."""
     cfg = cfg or load_fusion_config()
     views_dir, out_dir = Path(views_dir), Path(out_dir)
+    check_replaceable(out_dir)  # a folder that cannot take the result fails now, not after the fit
+    resolve_device(cfg.device)
     full_views = load_views(views_dir)  # every input check happens here, before any optimisation
+    cfg = fit_budget(cfg, full_views.resolution)
+    if log is not None:
+        log(describe_budget(cfg, full_views.resolution))
     views = full_views.downsample(cfg.optim.fit_resolution) if cfg.optim.fit_resolution else full_views
     true_c2w = Cameras.load(views_dir / TRUE_CAMERAS).c2w if (views_dir / TRUE_CAMERAS).is_file() else None
     with staged_dir(out_dir, "nova3d fuse") as stage:
@@ -177,7 +184,7 @@ def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimen
         seconds_fit = time.perf_counter() - t0
         meshes, conflict, stats = export_outputs(system, stage, full_views)
         metrics = {"experiment": cfg.name, "object_id": views.object_id, "steps": cfg.optim.steps,
-                   "rays_per_step": cfg.optim.rays, "seconds_fit": seconds_fit, **stats,
+                   "rays_per_step": cfg.optim.rays, "budget": cfg.optim.budget, "seconds_fit": seconds_fit, **stats,
                    "seconds_total": time.perf_counter() - t0, "device": str(system.device)}
         metrics.update(system.pose_errors() or {})
         write_json_atomic(stage / "metrics.json", metrics)

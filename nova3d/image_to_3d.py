@@ -23,13 +23,14 @@ from typing import Sequence
 
 import torch
 
-from nova3d.atomic import write_json_atomic
+from nova3d.atomic import check_writable, write_json_atomic
 from nova3d.data import schema
 from nova3d.errors import Nova3DError
 from nova3d.fuse import DEFAULT_EXPERIMENT, FuseResult, fuse_object, load_fusion_config
 from nova3d.fusion.config import FusionExperimentConfig
 from nova3d.devices import resolve_device
 from nova3d.generate import GenerateSettings, check_model_dir, generate_object
+from nova3d.signals import Interrupted
 
 VIEWS_DIR = "views"  # OUT/views/<object id>/: the generated object folder
 STAGING_DIR = "fusion" + schema.TMP_SUFFIX  # fusion writes here, moved into OUT on success
@@ -69,8 +70,7 @@ def object_id_of(image: str | Path) -> str:
 
 def check_out_dir(out: Path, object_id: str) -> None:
     """OUT may hold other images' views/ only: fusion's files must not replace anything."""
-    if out.exists() and not out.is_dir():
-        raise Nova3DError(f"--out {out} is a file, not a folder")
+    check_writable(out)  # also: --out is a file, or inside one
     taken = sorted(p.name for p in out.iterdir() if p.name not in (VIEWS_DIR, STAGING_DIR)) if out.is_dir() else []
     if taken:
         raise Nova3DError(f"{out} already holds {', '.join(taken[:3])}{' ...' if len(taken) > 3 else ''}; "
@@ -88,7 +88,7 @@ def generate_views(image: str | Path, model: str | Path, out: Path, settings: Ge
     return folder
 
 
-def fuse_generated(views: str | Path, out: str | Path, cfg: FusionExperimentConfig) -> FuseResult:
+def fuse_generated(views: str | Path, out: str | Path, cfg: FusionExperimentConfig, log=None) -> FuseResult:
     """Stage 2: fuse the object folder `views` into `out` (mesh.glb etc. directly in `out`).
 
     Fusion runs in out/fusion.partial/; its files move into `out` only after it succeeded. A
@@ -100,7 +100,10 @@ def fuse_generated(views: str | Path, out: str | Path, cfg: FusionExperimentConf
     kept = (f"generated views kept at {views} for inspection "
             f"(retry with: nova3d fuse --views {views} --out DIR)")
     try:
-        result = fuse_object(views, staging, cfg)
+        result = fuse_object(views, staging, cfg, log=log)
+    except Interrupted as err:  # keep its exit status (128 + signal)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise Interrupted(err.signum, f"{err}; {kept}") from err
     except Nova3DError as err:
         shutil.rmtree(staging, ignore_errors=True)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -135,15 +138,15 @@ def image_to_3d(image: str | Path, model: str | Path, out: str | Path, settings:
     t0 = time.perf_counter()
     views = generate_views(image, model, out, settings)
     seconds_generate = time.perf_counter() - t0
-    log(f"[2/2] fusing {views} ({cfg.name}, {cfg.optim.steps} steps)")
+    log(f"[2/2] fusing {views} ({cfg.name})")
     t0 = time.perf_counter()
-    fused = fuse_generated(views, out, cfg)
+    fused = fuse_generated(views, out, cfg, log=log)
     seconds_fuse = time.perf_counter() - t0
     write_json_atomic(out / RECORD_FILE, {
         "image": str(Path(image).resolve()), "model": str(Path(model).resolve()), "views": str(views.relative_to(out)),
         "generate": {**{k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"},
                      "guidance": list(settings.guidance)},
-        "fusion_experiment": cfg.name, "seconds_generate": seconds_generate, "seconds_fuse": seconds_fuse})
+        "fusion_experiment": cfg.name, "fusion_budget": fused.metrics.get("budget"), "seconds_generate": seconds_generate, "seconds_fuse": seconds_fuse})
     sheet = out / "conflict_maps.png" if fused.conflict is not None else None
     return ImageTo3DResult(out, views, fused.meshes, out / "turntable.gif", sheet, fused.metrics, seconds_generate,
                            seconds_fuse)

@@ -7,6 +7,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from nova3d.errors import Nova3DError
+
+from nova3d import number_checks as num
+from nova3d.devices import check_device_name
 from nova3d.fusion.field import FieldConfig
 from nova3d.fusion.hashgrid import HashGridConfig
 from nova3d.fusion.mesh import MeshExportConfig
@@ -61,6 +65,13 @@ class FusionLossConfig:
     conflict_start_step: int = 200  # the colour error means little before geometry has formed
     pose: float = 1.0e-2
 
+    def __post_init__(self) -> None:
+        for name in ("color", "normal", "mask", "eikonal", "sparsity", "sparsity_scale", "conflict",
+                     "conflict_min_error", "pose"):
+            num.in_range(f"loss.{name}", getattr(self, name), 0)
+        num.count("loss.sparsity_points", self.sparsity_points)
+        num.count("loss.conflict_start_step", self.conflict_start_step, 0)
+
 
 @dataclass
 class FusionOptimConfig:
@@ -82,6 +93,24 @@ class FusionOptimConfig:
     pose_refine_depth: bool = False
     pose_start_step: int = 100  # corrections stay at zero until the geometry has a rough shape
     fit_resolution: Optional[int] = None  # None: fit at the views' own resolution
+    # Which budget (steps, rays, fit size, grid) fits the views: "auto" picks "small" for views of
+    # at most SMALL_VIEWS pixels unless one of the budget's keys was changed, else "full" (this
+    # file's defaults, made for 256² views); fit_budget() resolves it once the views are read.
+    budget: str = "auto"
+
+    def __post_init__(self) -> None:
+        num.count("optim.steps", self.steps)  # 0 steps would export a mesh from an untrained field
+        num.count("optim.rays", self.rays)
+        num.in_range("optim.object_fraction", self.object_fraction, 0, 1)
+        for name in ("lr_grid", "lr_net", "lr_color", "lr_conflict", "lr_variance", "lr_pose"):
+            num.positive(f"optim.{name}", getattr(self, name))
+        num.in_range("optim.final_lr_factor", self.final_lr_factor, 0, 1, low_open=True)
+        for name in ("warmup_steps", "pose_start_step"):
+            num.count(f"optim.{name}", getattr(self, name), 0)
+        if self.fit_resolution is not None:
+            num.count("optim.fit_resolution", self.fit_resolution, 8)
+        if self.budget not in BUDGETS:
+            raise Nova3DError(f"optim.budget must be one of {list(BUDGETS)}, got {self.budget!r}")
 
 
 @dataclass
@@ -92,6 +121,12 @@ class FusionLoggingConfig:
     preview_resolution: int = 64
     turntable_frames: int = 24
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        num.count("logging.log_every_n_steps", self.log_every_n_steps)
+        num.count("logging.preview_every_n_steps", self.preview_every_n_steps, 0)
+        num.count("logging.preview_resolution", self.preview_resolution, 8)
+        num.count("logging.turntable_frames", self.turntable_frames)
 
 
 @dataclass
@@ -105,3 +140,63 @@ class FusionExperimentConfig:
     optim: FusionOptimConfig = dataclasses.field(default_factory=FusionOptimConfig)
     export: MeshExportConfig = dataclasses.field(default_factory=MeshExportConfig)
     logging: FusionLoggingConfig = dataclasses.field(default_factory=FusionLoggingConfig)
+
+    def __post_init__(self) -> None:
+        """Numbers of the parts this schema does not define itself, and the device's form."""
+        num.seed("seed", self.seed, num.LIGHTNING_SEED_MAX)
+        check_device_name(self.device, "device")
+        num.count("export.resolution", self.export.resolution, 8)
+        num.count("export.chunk", self.export.chunk)
+        num.count("export.texture_size", self.export.texture_size, 8)
+        num.in_range("export.min_component_fraction", self.export.min_component_fraction, 0, 1)
+        num.count("render.num_steps", self.render.num_steps)
+        num.count("render.chunk", self.render.chunk)
+
+
+# The budget for small views (the toy model's 64²): fit at 64² with a grid that resolves it, 240
+# steps with the pose and conflict start steps scaled to them (nova3d.demo's TOY_FUSION, measured
+# there: ~25 s on 2 CPU cores instead of ~120 s for the full budget on the same views).
+SMALL_VIEWS = 96  # views of at most this many pixels (square) get SMALL_BUDGET under optim.budget=auto
+SMALL_BUDGET = ("optim.fit_resolution=64", "optim.steps=240", "optim.rays=512", "optim.pose_start_step=40",
+                "loss.conflict_start_step=80", "loss.conflict=16", "field.hashgrid.levels=8",
+                "field.hashgrid.log2_table_size=15", "field.hashgrid.max_resolution=256", "export.resolution=96")
+BUDGETS = ("auto", "full", "small")
+
+
+def _key(item: str) -> str:
+    return item.split("=", 1)[0].strip()
+
+
+def _changed_budget_keys(cfg: "FusionExperimentConfig") -> set[str]:
+    """SMALL_BUDGET's keys whose value in `cfg` is not the schema default (an experiment file,
+    an override or code chose them)."""
+    from omegaconf import OmegaConf
+
+    mine, default = OmegaConf.structured(cfg), OmegaConf.structured(FusionExperimentConfig)
+    return {k for k in map(_key, SMALL_BUDGET) if OmegaConf.select(mine, k) != OmegaConf.select(default, k)}
+
+
+def fit_budget(cfg: "FusionExperimentConfig", resolution: int) -> "FusionExperimentConfig":
+    """`cfg` with optim.budget resolved for views of `resolution` pixels. "auto" is "small" for
+    views of at most SMALL_VIEWS pixels when none of the budget's keys was changed from the
+    default, else "full". "small" sets SMALL_BUDGET's keys that are still at their defaults (so
+    applying it twice changes nothing); "full" keeps the config's values."""
+    from omegaconf import OmegaConf
+
+    changed = _changed_budget_keys(cfg)
+    budget = cfg.optim.budget
+    if budget == "auto":
+        budget = "small" if resolution <= SMALL_VIEWS and not changed else "full"
+    items = [b for b in SMALL_BUDGET if _key(b) not in changed] if budget == "small" else []
+    items = [f"optim.fit_resolution={min(64, resolution)}" if _key(b) == "optim.fit_resolution" else b
+             for b in items]  # never above the views' own size
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist([*items, f"optim.budget={budget}"]))
+    return OmegaConf.to_object(merged)
+
+
+def describe_budget(cfg: "FusionExperimentConfig", resolution: int) -> str:
+    """One line for the console: the budget a resolved config uses (fit_budget)."""
+    o = cfg.optim
+    return (f"fusion: {o.budget} budget for {resolution}² views ({o.steps} steps x {o.rays} rays at "
+            f"{o.fit_resolution or resolution}²; small is used for views up to {SMALL_VIEWS}² unless "
+            "optim.budget=full or a budget key is set)")
