@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
     """Write `data` as indented JSON to `path` atomically."""
     with atomic_path(path) as tmp:
@@ -57,10 +64,33 @@ def _recover(final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
+    """Raise Nova3DError unless a folder `path` exists or can be made, and files can be created
+    in it (or, while it does not exist yet, beside it). Tries a real file: permission bits alone
+    do not say it (root, read-only mounts). Every command calls it before its long work."""
+    path = Path(path).expanduser()
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        what = "is" if probe_dir == path else f"is inside {probe_dir}, which is"
+        raise Nova3DError(f"{option} {path} {what} a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".nova3d-write-test-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise Nova3DError(f"{option} {path}: cannot write in {probe_dir} ({err.strerror or err})") from err
+
+
 def check_replaceable(final: str | os.PathLike, overwrite: bool = True) -> None:
     """Raise Nova3DError unless a staged result may later replace `final`: it is missing, an empty
-    folder, or a result nova3d wrote (has MARKER) and `overwrite`. Call it before long work."""
+    folder, or a result nova3d wrote (has MARKER) and `overwrite`, and its folder is writable.
+    Call it before long work."""
     final = Path(final)
+    check_writable(final)
     _recover(final)
     if not final.exists():
         return
@@ -108,6 +138,7 @@ def staged_entries(folder: str | os.PathLike, name: str = "staging") -> Iterator
     """Yield an empty folder/.NAME.partial; on success each entry in it replaces the same-named
     entry of `folder` (other entries stay), on any error it is removed and `folder` untouched."""
     folder = Path(folder)
+    check_writable(folder)
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".{name}{PARTIAL_SUFFIX}"
     shutil.rmtree(staging, ignore_errors=True)
