@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from nova3d.atomic import check_writable
 from nova3d.errors import Nova3DError
 
 CHECKPOINT_NAMES = {"last": "last.ckpt", "best": "best.ckpt"}
@@ -56,12 +57,27 @@ def resolve_checkpoint(source: str | Path, which: str = "last") -> Path:
     raise Nova3DError(f"{path} has no checkpoints/{name} (is it a run directory of nova3d.train?)")
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and then `{`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
 def read_checkpoint(path: Path) -> dict:
     """The checkpoint dict, or a one-line Nova3DError if it is unreadable or not nova3d's."""
+    if _is_safetensors(path):
+        raise Nova3DError(f"{path}: a safetensors weights file (part of a pipeline folder?), not a training "
+                          "checkpoint; export reads the .ckpt files nova3d.train writes")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "weights only load failed" in reason.lower():  # PyTorch's hint to unpickle anything: unsafe, and not ours
+            reason = "it holds objects other than tensors, so it was not written by nova3d.train"
         raise Nova3DError(f"{path}: not a readable checkpoint ({reason})") from err
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if not isinstance(config, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -96,8 +112,11 @@ def export_checkpoint(source: str | Path, out: str | Path, ema: Optional[bool] =
 
     ckpt_path = resolve_checkpoint(source, which)
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise Nova3DError(f"--out {out} is a file, not a folder")
     if out.exists() and not overwrite:
         raise Nova3DError(f"{out} already exists; remove it, choose another --out or pass --overwrite")
+    check_writable(out)
     ckpt = read_checkpoint(ckpt_path)
     has_ema = bool(ckpt.get("ema", {}).get("shadow"))
     if ema and not has_ema:

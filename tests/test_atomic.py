@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nova3d.atomic import MARKER, OLD_SUFFIX, PARTIAL_SUFFIX, moved_paths, staged_dir, staged_entries
+from nova3d.atomic import (MARKER, OLD_SUFFIX, PARTIAL_SUFFIX, check_replaceable, check_writable, moved_paths,
+                           staged_dir, staged_entries)
 from nova3d.errors import Nova3DError
 
 
@@ -98,3 +99,20 @@ def test_moved_paths_reroots_only_paths_inside(tmp_path):
     stage, out = tmp_path / ".s.partial", tmp_path
     r = moved_paths(_Result(stage, {"a": [stage / "x" / "m.glb"]}, Path("/elsewhere/model")), stage, out)
     assert r.out == out and r.runs == {"a": [out / "x" / "m.glb"]} and r.outside == Path("/elsewhere/model")
+
+
+def test_an_output_folder_that_cannot_be_written_is_found_first(tmp_path):
+    """issue 25: a file, a path inside a file, or a place nothing can be created in fails at once."""
+    (tmp_path / "f").write_text("x")
+    check_writable(tmp_path / "new" / "deeper")  # missing folders are fine: they can be made
+    assert not (tmp_path / "new").exists()  # and are not made by the check
+    for bad, said in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", f"is inside {tmp_path / 'f'}"),
+                      (Path("/proc/nova3d_out"), "cannot write")):
+        with pytest.raises(Nova3DError, match=said):
+            check_writable(bad)
+        with pytest.raises(Nova3DError):
+            check_replaceable(bad)
+        with pytest.raises(Nova3DError):
+            with staged_entries(bad):
+                pass
+    assert not list(tmp_path.glob(".nova3d-write-test-*"))  # the probe file is removed

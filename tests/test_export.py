@@ -108,7 +108,8 @@ def test_cli_export_then_generate(run, tmp_path, capsys):
     assert schema.missing_files(tmp_path / "gen" / "box") == []
 
 
-@pytest.mark.parametrize("case", ["missing", "no_checkpoint", "corrupt", "not_nova3d", "no_ema"])
+@pytest.mark.parametrize("case", ["missing", "no_checkpoint", "corrupt", "not_nova3d", "no_ema", "safetensors",
+                                  "pickled_object"])
 def test_bad_input_is_one_error_line(case, run, tmp_path, capsys):
     source, extra = tmp_path / "model.ckpt", []
     if case == "missing":
@@ -120,6 +121,13 @@ def test_bad_input_is_one_error_line(case, run, tmp_path, capsys):
         source.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:5000])
     elif case == "not_nova3d":
         torch.save({"state_dict": {}}, source)
+    elif case == "safetensors":  # issue 25: named as such, not PyTorch's weights_only hint
+        from safetensors.torch import save_file
+
+        source = tmp_path / "weights.safetensors"
+        save_file({"w": torch.zeros(2)}, source)
+    elif case == "pickled_object":
+        torch.save({"state_dict": {}, "hyper_parameters": {"config": {}}, "obj": Path("x")}, source)
     else:
         ckpt = _checkpoint(run)
         del ckpt["ema"]
@@ -129,6 +137,16 @@ def test_bad_input_is_one_error_line(case, run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("nova3d export: error:"), err
     assert str(source) in err
+    assert "weights_only" not in err and "trust" not in err  # PyTorch's advice to unpickle anything
+    if case == "safetensors":
+        assert "safetensors" in err and "not a training checkpoint" in err
     assert not (tmp_path / "pipe").exists()
     with pytest.raises(Nova3DError):
         export_checkpoint(run, tmp_path / "x", which="first")
+
+
+def test_out_that_cannot_be_written_is_found_before_loading(run, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["export", str(run), "--out", str(tmp_path / "f" / "pipe")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is inside" in err and "a file, not a folder" in err and len(err.splitlines()) == 1
