@@ -61,7 +61,7 @@ DOMAINS = 2
 VAE_CHUNK = 16  # images per VAE encode call in training (nova3d.systems.mv_diffusion.VAE_CHUNK)
 CHECKPOINTING = ("none", "diffusers", "full")
 PRECISIONS = ("bf16-mixed", "bf16-true", "32")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit")  # adamw: foreach, torch's default on CUDA (and Lightning's)
 MMAP_THRESHOLD = 128 * 1024  # bytes; see validation_row
 
 
@@ -201,7 +201,8 @@ def step_memory(arch: str, model: str, checkpointing: str, latent: int, frames: 
         unet = build_unet(arch, model, checkpointing,
                           torch.bfloat16 if precision == "bf16-true" else torch.float32)
         params = [p for p in unet.parameters() if p.requires_grad]
-        opt = (torch.optim.AdamW(params, lr=1e-5, foreach=True) if optimizer == "adamw" else Adam8bitModel(params))
+        opt = (torch.optim.AdamW(params, lr=1e-5, foreach=True) if optimizer == "adamw" else
+               torch.optim.AdamW(params, lr=1e-5, fused=True) if optimizer == "adamw_fused" else Adam8bitModel(params))
         for p in params:  # allocate the optimizer states: the step measured is a steady-state one
             p.grad = torch.zeros_like(p)
         opt.step()
@@ -302,6 +303,7 @@ RECIPES = {  # docs/training_recipes.md: experiments/recipes/*.yaml (and one tha
     "gpu24gb": dict(resolution=512, views=16, checkpointing="full", model="gta", precision="bf16-true"),
     "gpu24gb_256": dict(resolution=256, views=16, checkpointing="full", model="gta", precision="bf16-true"),
     "adamw8bit_512": dict(resolution=512, views=16, checkpointing="full", model="gta", optimizer="adamw8bit"),
+    "adamw_fused_512": dict(resolution=512, views=16, checkpointing="full", model="gta", optimizer="adamw_fused"),
 }
 
 
