@@ -99,13 +99,42 @@ def test_a_failed_fuse_leaves_the_earlier_result_as_it_was(folder, tmp_path, cap
     out = tmp_path / "out"
     assert cli_main(["fuse", "--views", str(folder), "--out", str(out), *TINY, "optim.steps=3",
                      "logging.progress=true"]) == 0
-    err = capfd.readouterr().err
-    noise = [line for line in err.splitlines() if any(w in line for w in ("Warning", "warn(", "Tip:", "TPU", "GPU"))]
-    assert not noise, noise  # no third-party noise on a fuse run's console
+    captured = capfd.readouterr()
+    err = captured.err.replace("\r", "\n")
+    noise = [line for line in err.splitlines() if any(w in line for w in (
+        "Warning", "warn(", "Tip:", "TPU", "GPU", "site-packages", "litlogger", "Training:", "Epoch "))]
+    assert not noise, noise  # no third-party noise on a fuse run's console: our bar and lines only
+    assert not [line for line in err.splitlines() if line.strip() and "|" not in line], err  # bars only
+    out_bars = {line.split(":")[0] for line in captured.out.replace("\r", "\n").splitlines() if "|" in line}
+    assert out_bars == {"fuse"}, out_bars  # one step bar (no "Training: 0/?", no per-epoch bars)
+    assert "fusion: full budget for 24² views" in captured.out  # which budget, said in the output
     good = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert cli_main(["fuse", "--views", str(folder), "--out", str(out), *TINY, *DIVERGE]) == 2
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == good
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_fusion_budget_follows_the_views_resolution():
+    """issue 25: 64² views (the toy model's) got the 256² budget of 600 steps; now `auto` picks the
+    small budget for small views unless a budget key was set, and says so."""
+    from nova3d.fusion.config import SMALL_VIEWS, describe_budget, fit_budget
+
+    default = load_fusion_config("fusion/default")
+    small = fit_budget(default, 64)
+    assert (small.optim.budget, small.optim.steps, small.optim.fit_resolution) == ("small", 240, 64)
+    assert small.field.hashgrid.levels == 8 and small.optim.pose_start_step == 40
+    assert fit_budget(small, 64) == small  # resolving twice changes nothing
+    assert fit_budget(default, 32).optim.fit_resolution == 32  # never above the views' size
+    full = fit_budget(default, 256)
+    assert (full.optim.budget, full.optim.steps, full.optim.fit_resolution) == ("full", 600, None)
+    assert fit_budget(default, SMALL_VIEWS + 1).optim.budget == "full"
+    mine = fit_budget(load_fusion_config("fusion/default", ["optim.steps=30"]), 64)  # a budget key set: kept
+    assert (mine.optim.budget, mine.optim.steps, mine.field.hashgrid.levels) == ("full", 30, 10)
+    forced = fit_budget(load_fusion_config("fusion/default", ["optim.budget=full"]), 64)
+    assert forced.optim.steps == 600
+    forced = fit_budget(load_fusion_config("fusion/default", ["optim.budget=small", "optim.rays=64"]), 256)
+    assert (forced.optim.steps, forced.optim.rays) == (240, 64)
+    assert "small budget for 64² views (240 steps" in describe_budget(small, 64)
 
 
 def test_wrong_experiment_kind_is_refused():
