@@ -59,8 +59,13 @@ class RenderSettings:
 
     def check(self) -> None:
         """Raise Nova3DError for values no render could honour."""
-        if self.views < 1 or self.resolution < 1 or self.samples < 1 or (self.limit is not None and self.limit < 0):
-            raise Nova3DError("--views, --resolution and --samples must be positive, --limit not negative")
+        from nova3d import number_checks as num
+
+        num.count("--views", self.views)
+        num.count("--resolution", self.resolution, 8)
+        num.count("--samples", self.samples)
+        if self.limit is not None:
+            num.count("--limit", self.limit, 0)
         if len(self.elevation) not in (1, self.views):
             raise Nova3DError(f"--elevation takes 1 value or one per view ({self.views}), got {len(self.elevation)}")
         if not 0 < self.fov < 180 or self.radius <= 0:
@@ -96,12 +101,40 @@ class RenderSummary:
         CLI's for unusable input or arguments, when nothing was rendered."""
         return 1 if self.failed else 0
 
+    redone: dict[str, str] = field(default_factory=dict)  # object id -> why its earlier render was stale
+
     def describe(self) -> str:
         timing = ""
         if self.seconds:
             timing = f", {sum(self.seconds.values()) / len(self.seconds):.2f} s/object"
-        return (f"rendered {len(self.rendered)}, skipped {len(self.skipped)} (already done), "
+        redone = f" ({len(self.redone)} re-rendered: settings changed)" if self.redone else ""
+        return (f"rendered {len(self.rendered)}{redone}, skipped {len(self.skipped)} (already done), "
                 f"failed {len(self.failed)}{timing}")
+
+
+def stale_reason(folder: Path, settings: RenderSettings) -> str | None:
+    """Why a finished render in `folder` does not match `settings` (its meta.json), or None when
+    it does: a resumed run with another --resolution must not keep the old renders."""
+    try:
+        meta = json.loads((folder / schema.META_FILE).read_text())
+        rendered = meta.get("settings", {})
+        pairs = [("--views", meta.get("num_views"), settings.views),
+                 ("--resolution", meta.get("resolution"), settings.resolution),
+                 ("--samples", meta.get("renderer", {}).get("samples"), settings.samples),
+                 ("--fov", rendered.get("fov_deg"), settings.fov),
+                 ("--radius", rendered.get("radius"), settings.radius),
+                 ("--seed", rendered.get("seed"), settings.seed),
+                 ("--random-azimuth", rendered.get("random_azimuth"), settings.random_azimuth),
+                 ("--background", rendered.get("background"), settings.background)]
+        elevation = rendered.get("elevation_deg")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"unreadable {schema.META_FILE} ({err})"
+    changed = [f"{flag} {old} -> {new}" for flag, old, new in pairs if old is not None and old != new]
+    if elevation is not None and [float(e) for e in elevation] != [float(e) for e in settings.elevation]:
+        changed.append(f"--elevation {elevation} -> {list(settings.elevation)}")
+    if settings.depth and not meta.get("has_depth", False):
+        changed.append("--depth asked for, the render has none")
+    return ", ".join(changed) or None
 
 
 def collect_sources(inputs: list[str], procedural: list[str] | None = None) -> list[ObjectSource]:

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from data_prep.blender_scene import MeshError, _blender, import_mesh, normalise_scene, prepare_materials
 from data_prep.render_io import (ATTEMPTS_FILE, FAILURES_FILE, LOG_FILE, LOGS_DIR, MAX_ATTEMPTS, ObjectSource,
                                  RenderSettings, RenderSummary, append_failure, build_parser, object_cameras,
-                                 object_meta, parse_run, previous_attempts, redirect_output, start_attempt,
-                                 write_view_files)
+                                 object_meta, parse_run, previous_attempts, redirect_output, stale_reason,
+                                 start_attempt, write_view_files)
+from nova3d.atomic import check_writable
 from nova3d.cameras import Cameras
 from nova3d.data import schema
 from nova3d.errors import Nova3DError
@@ -203,8 +204,11 @@ def render_objects(sources: list[ObjectSource], out_dir: str | os.PathLike,
     if settings.limit is not None:
         sources = sources[: settings.limit]
     summary = RenderSummary()
-    todo = [s for s in sources if not (out / s.object_id).exists()]
+    stale = {s.object_id: why for s in sources if (out / s.object_id).is_dir()
+             and (why := stale_reason(out / s.object_id, settings))}
+    todo = [s for s in sources if not (out / s.object_id).exists() or s.object_id in stale]
     backend = _pick_backend(settings.device) if todo else None  # no Blender start-up when all are done
+    check_writable(out)  # a file, or a folder that cannot be written: before any render
     try:  # after the device check: unusable input leaves no output folder behind
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -212,9 +216,12 @@ def render_objects(sources: list[ObjectSource], out_dir: str | os.PathLike,
     for source in tqdm(sources, desc="render", unit="obj", disable=not progress):
         final = out / source.object_id
         partial = final.with_name(final.name + schema.TMP_SUFFIX)
-        if final.exists():
+        if final.exists() and source.object_id not in stale:
             summary.skipped.append(source.object_id)
             continue
+        if source.object_id in stale:  # said on the terminal, not only in a file
+            tqdm.write(f"re-rendering {source.object_id}: its render has other settings "
+                       f"({stale[source.object_id]})", file=sys.stderr)
         if previous_attempts(partial) >= MAX_ATTEMPTS:  # kept, so later runs give up on it too
             _record_failure(summary, out, source, f"{MAX_ATTEMPTS} runs died rendering it (Blender crash?); "
                                                   f"delete {partial} to try again")
@@ -234,7 +241,15 @@ def render_objects(sources: list[ObjectSource], out_dir: str | os.PathLike,
             shutil.rmtree(partial, ignore_errors=True)
             continue
         log.unlink()
-        os.replace(partial, final)
+        if final.exists():  # a stale render: swap, so a kill in between keeps one of the two whole
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old, ignore_errors=True)
+            summary.redone[source.object_id] = stale[source.object_id]
+        else:
+            os.replace(partial, final)
         summary.rendered.append(source.object_id)
         summary.seconds[source.object_id] = time.perf_counter() - start
     return summary
@@ -248,11 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         sources, settings = parse_run(args)
         summary = render_objects(sources, args.out, settings)
     except Nova3DError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"render_views: error: {err}", file=sys.stderr)
         return 2
     print(summary.describe())
-    if summary.failed:
-        print(f"{len(summary.failed)} failure(s) listed in {Path(args.out) / FAILURES_FILE}")
+    if summary.failed:  # each was printed as it happened; the last line says how many and where
+        first = summary.failed[0]
+        print(f"render_views: error: {len(summary.failed)} of {len(sources)} object(s) failed (first: "
+              f"{first['object']}: {' '.join(first['reason'].split())[:300]}); all listed in "
+              f"{Path(args.out) / FAILURES_FILE}", file=sys.stderr)
     return summary.exit_code
 
 

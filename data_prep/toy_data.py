@@ -68,9 +68,16 @@ def make_toy_data(out: str | Path, count: int = DEFAULT_COUNT, seed: int = 0, re
     from data_prep.render_views import render_objects
     from data_prep.write_shards import write_shards
 
+    from nova3d import number_checks as num
+    from nova3d.atomic import check_writable
+
     out = Path(out)
     if count < toy_family.SPLIT_PERIOD:
         raise Nova3DError(f"--count must be at least {toy_family.SPLIT_PERIOD} (one object of every split)")
+    num.count("--resolution", resolution, 8)  # toy_data's own flags, not render_views' (--views, --limit)
+    num.count("--samples", samples)
+    num.seed("--seed", seed)
+    check_writable(out)
     report = {}
     for split in splits:
         start = time.perf_counter()
@@ -86,7 +93,10 @@ def make_toy_data(out: str | Path, count: int = DEFAULT_COUNT, seed: int = 0, re
                     if reason:
                         no_gt[source.object_id] = reason
         shards = write_shards(renders, out / SHARDS_DIR / split, prefix=split, split=split, progress=progress)
+        for r in shards.rejected:  # a render dropped as corrupt is said here, not only in manifest.json
+            print(f"toy_data: {split}: {r.object_id} not packed [{r.reason}]: {r.detail}", file=sys.stderr)
         report[split] = {"rendered": len(summary.rendered), "skipped": len(summary.skipped),
+                         "redone": len(summary.redone), "rejected": len(shards.rejected),
                          "failed": len(summary.failed), "samples": shards.num_samples,
                          "no_gt_mesh": no_gt, "seconds": round(time.perf_counter() - start, 1)}
         if summary.failed:
@@ -110,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"toy_data: error: {err}", file=sys.stderr)
         return 2
     for split, r in report.items():
-        print(f"{split}: {r['samples']} objects in shards ({r['rendered']} rendered now, {r['skipped']} kept), "
-              f"{r['seconds']:.0f} s")
+        print(f"{split}: {r['samples']} objects in shards ({r['rendered']} rendered now, of which {r['redone']} "
+              f"re-rendered for changed settings; {r['skipped']} kept; {r['rejected']} rejected), {r['seconds']:.0f} s")
         for object_id, reason in r["no_gt_mesh"].items():
             print(f"  {object_id}: no GT mesh, not scored by bench/toy_generation.py ({reason})")
     return 0

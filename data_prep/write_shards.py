@@ -30,6 +30,7 @@ from typing import Sequence
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from nova3d.atomic import check_writable
 from nova3d.data import schema
 from nova3d.data.manifest import Manifest, ShardInfo
 from nova3d.data.sample_error import INVALID, SampleError
@@ -197,6 +198,7 @@ def write_shards(render_dir: str | os.PathLike, out_dir: str | os.PathLike, *, m
         raise Nova3DError("--val-fraction splits off a validation set: the main split cannot be 'val' too")
     if out_dir.exists() and not out_dir.is_dir():
         raise Nova3DError(f"--out {out_dir}: is a file, not a folder")
+    check_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folders = find_object_folders(render_dir)
     if not folders:

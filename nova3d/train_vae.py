@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import shutil
 import sys
 from dataclasses import asdict
@@ -23,7 +25,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from nova3d.config import load_experiment
+from nova3d.atomic import check_writable, write_text_atomic
+from nova3d.config import load_experiment, to_yaml
 from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.data.manifest import existing_shards
 from nova3d.errors import Nova3DError
@@ -31,7 +34,8 @@ from nova3d.lightning_warnings import quiet_lightning
 from nova3d.models.autoencoder import AutoencoderExperimentConfig, build_clip
 from nova3d.models.conditioning import FEATURE_EXTRACTOR_DIR, IMAGE_ENCODER_DIR, VAE_DIR
 from nova3d.progress_bar import StepProgressBar
-from nova3d.run_dir import resume_checkpoint, run_dir_for, write_snapshot
+from nova3d.run_dir import git_state, resume_checkpoint, run_dir_for
+from nova3d.signals import exit_code, interrupts_as_errors
 from nova3d.systems.autoencoder import AutoencoderSystem, domain_videos
 from nova3d.train import EXPECTED_WARNINGS, resolve_precision
 
@@ -97,10 +101,33 @@ def write_conditioner(system: AutoencoderSystem, cfg: AutoencoderExperimentConfi
     return out
 
 
+def check_inputs(cfg: AutoencoderExperimentConfig, run_dir) -> None:
+    """Everything that can be checked before the run folder is touched: the shards, the run
+    folder's place, a checkpoint to resume from. A bad input leaves a finished run as it was."""
+    existing_shards(cfg.data.train_shards, split="train")
+    for shards, split in ((cfg.data.val_shards, "val"), (cfg.test_shards, "test")):
+        if shards:
+            existing_shards(shards, split=split)
+    check_writable(run_dir.path, "logging.root")
+    resume_checkpoint(run_dir)  # a truncated last.ckpt is named now
+
+
+def write_run_snapshot(run_dir, cfg: AutoencoderExperimentConfig, argv: Sequence[str]) -> None:
+    """config.yaml, git.txt and one more line in command.txt, which records this command
+    (nova3d.run_dir.write_snapshot records `nova3d.train`)."""
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir.path / "config.yaml", to_yaml(cfg))
+    write_text_atomic(run_dir.path / "git.txt", git_state())
+    command = shlex.join([sys.executable, "-m", "nova3d.train_vae", *argv])
+    with open(run_dir.path / "command.txt", "a") as f:
+        f.write(f"cd {shlex.quote(os.getcwd())} && {command}\n")
+
+
 def run(cfg: AutoencoderExperimentConfig, argv: Sequence[str] = ()) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
-    write_snapshot(run_dir, cfg, argv)
+    check_inputs(cfg, run_dir)
+    write_run_snapshot(run_dir, cfg, argv)
     t = cfg.trainer
     logger = TensorBoardLogger(save_dir=run_dir.path, name="tensorboard", version="", default_hp_metric=False)
     with quiet_lightning():
@@ -137,13 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.max_steps=10")
     args = p.parse_args(argv)
     try:
+        if Path(args.experiment).suffix in (".yaml", ".yml") and not Path(args.experiment).is_file():
+            raise Nova3DError(f"{args.experiment}: no such file (or name an experiment under experiments/, "
+                              "e.g. autoencoder/toy)")
         cfg = load_experiment(args.experiment, args.overrides)
         if not isinstance(cfg, AutoencoderExperimentConfig):
             raise Nova3DError(f"{args.experiment}: not an autoencoder experiment (experiments/autoencoder/)")
-        run(cfg, argv)
+        with interrupts_as_errors():
+            run(cfg, argv)
     except Nova3DError as err:
         print(f"nova3d.train_vae: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     return 0
 
 

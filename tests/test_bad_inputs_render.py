@@ -76,6 +76,7 @@ def test_nonfinite_meshes_fail_on_the_terminal_and_exit_1(tmp_path: Path, capsys
     err = capsys.readouterr().err.splitlines()
     for object_id, reason in reasons.items():  # one line each, on stderr
         assert f"failed {object_id}: {reason}" in err
+    assert err[-1].startswith("render_views: error: 2 of 3 object(s) failed (first: ") and FAILURES_FILE in err[-1]
     assert schema.missing_files(out / "box") == []
     assert not (out / "nan").exists() and not (out / "inf").exists()
     assert not list(out.glob(f"*{schema.TMP_SUFFIX}"))
@@ -85,7 +86,8 @@ def test_nonfinite_meshes_fail_on_the_terminal_and_exit_1(tmp_path: Path, capsys
 
 @pytest.mark.parametrize("argv, message", [
     (["/no/such/mesh.glb"], "input not found: /no/such/mesh.glb"),
-    (["--procedural", "mug", "--views", "0"], "--views, --resolution and --samples must be positive"),
+    (["--procedural", "mug", "--views", "0"], "--views must be >= 1, got 0"),
+    (["--procedural", "mug", "--resolution", "0"], "--resolution must be >= 8, got 0"),
 ])
 def test_unusable_input_exits_2_and_writes_nothing(tmp_path: Path, capsys, argv, message) -> None:
     from data_prep.render_views import main
@@ -93,8 +95,34 @@ def test_unusable_input_exits_2_and_writes_nothing(tmp_path: Path, capsys, argv,
     out = tmp_path / "out"
     assert main(argv + ["--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and err.startswith("render_views: error: ") and message in err
     assert not out.exists()
+
+
+def test_a_resumed_render_with_other_settings_redoes_the_stale_objects(tmp_path: Path, capsys) -> None:
+    """issue 25: a resumed run with another --resolution kept the old renders and said "kept"."""
+    from data_prep.render_views import main
+
+    out = tmp_path / "out"
+    assert main(["--procedural", "mug", "--out", str(out), *RENDER]) == 0
+    capsys.readouterr()
+    again = [a if a != "16" else "24" for a in RENDER]
+    assert main(["--procedural", "mug", "--out", str(out), *again]) == 0
+    captured = capsys.readouterr()
+    assert "re-rendering mug: its render has other settings (--resolution 16 -> 24)" in captured.err
+    assert "1 re-rendered: settings changed" in captured.out
+    assert json.loads((out / "mug" / schema.META_FILE).read_text())["resolution"] == 24
+    assert not list(out.glob("*.old")) and not list(out.glob(f"*{schema.TMP_SUFFIX}"))
+    assert main(["--procedural", "mug", "--out", str(out), *again]) == 0  # now current: skipped
+    assert "skipped 1 (already done)" in capsys.readouterr().out
+
+
+def test_output_that_is_a_file_exits_2_before_blender(tmp_path: Path, capsys) -> None:
+    from data_prep.render_views import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["--procedural", "mug", "--out", str(tmp_path / "f" / "out"), *RENDER]) == 2
+    assert "is inside" in capsys.readouterr().err
 
 
 def test_missing_gpu_exits_2_without_creating_the_output(tmp_path: Path, capsys, monkeypatch) -> None:
