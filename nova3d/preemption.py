@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from nova3d.run_dir import HPC_CHECKPOINT_GLOB
 
@@ -82,7 +83,7 @@ class PreemptionCheckpoint(Callback):
             return
         self.requested = True
         self.saved = self._save(trainer)
-        rank_zero_info(f"nova3d: preemption signal: saved {self.saved} at step {trainer.global_step}")
+        _say(f"nova3d: preemption signal: saved {self.saved} at step {trainer.global_step}")
         # One checkpoint is all the warning time should be spent on: ModelCheckpoint(save_last=True)
         # would write last.ckpt again when training ends (Lightning 2.6). The process is ending anyway.
         for callback in trainer.checkpoint_callbacks:
@@ -108,8 +109,11 @@ class PreemptionCheckpoint(Callback):
     def _requeue(self) -> None:
         job = slurm_job_to_requeue()
         if job is None:
-            rank_zero_info("nova3d: not a SLURM job: stopping; run the same command again to resume")
+            _say("nova3d: not a SLURM job: stopping; run the same command again to resume")
             return
+        # Said before scontrol: the requeue makes SLURM send SIGTERM at once, which can end this
+        # process before scontrol returns.
+        _say(f"nova3d: requeueing SLURM job {job}")
         try:
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -118,4 +122,11 @@ class PreemptionCheckpoint(Callback):
         if done.returncode:
             rank_zero_warn(f"nova3d: scontrol requeue {job} failed: {done.stderr.strip()}; resubmit to resume")
         else:
-            rank_zero_info(f"nova3d: requeued SLURM job {job}")
+            _say(f"nova3d: requeued SLURM job {job}")
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    """One line on stderr from rank 0, flushed: the console's quiet logging level (nova3d.lightning_warnings)
+    drops Lightning's rank_zero_info, and a preempted job may be killed right after."""
+    print(message, file=sys.stderr, flush=True)
