@@ -96,9 +96,17 @@ def true_views_reference(objects: list[Path], out: Path, fusion: tuple[str, ...]
     protocol = get_protocol(PROTOCOL, image_size=resolution, lpips=False)
     per_object = []
     for folder in objects:
+        # One file per object: a reference cut off part-way (about a minute an object) resumes there.
+        done = out / TRUE_VIEWS / "objects" / f"{folder.name}.json"
+        object_key = {k: v for k, v in key.items() if k != "objects"}
+        if done.is_file() and (stored := _json.loads(done.read_text())).get("key") == object_key:
+            per_object.append(stored["result"])
+            continue
         t = time.perf_counter()
         result = fuse_and_score_mesh(folder, out / TRUE_VIEWS / "fused" / folder.name, folder, fusion, protocol).scalars()
         per_object.append({"object": folder.name, "chamfer": result["chamfer"], "volume_iou": result["volume_iou"]})
+        done.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(done, {"key": object_key, "result": per_object[-1]})
         print(f"  true views {folder.name}: CD {result['chamfer'] or float('nan'):.4f}, "
               f"IoU {result['volume_iou'] or float('nan'):.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
     reference = {"key": key, "per_object": per_object, "chamfer": _mean([o["chamfer"] for o in per_object]),
