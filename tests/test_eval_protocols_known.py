@@ -147,3 +147,45 @@ def test_registry_names_aliases_and_bad_fields() -> None:
         get_protocol("nova3d", iou_inside="winding")
     with pytest.raises(Nova3DError, match="protocol 'nova3d' has no field 'colour'"):
         get_protocol("nova3d", colour=True)
+
+
+# SyncDreamer's 30-object GSO split as HarmonyView's gso_evaluation.sh lists it (object_name).
+HARMONYVIEW_OBJECT_NAMES = ("alarm backpack bell blocks chicken cream elephant grandfather grandmother hat leather "
+                            "lion lunch_bag mario oil school_bus1 school_bus2 shoe shoe1 shoe2 shoe3 soap sofa sorter "
+                            "sorting_board stucking_cups teapot toaster train turtle")
+
+
+def test_syncdreamer_gso30_split_loads_with_its_turns() -> None:
+    from nova3d.eval.protocols import SYNCDREAMER_GSO30, SYNCDREAMER_GSO30_SOURCES, syncdreamer_gt_turn
+    from nova3d.errors import Nova3DError
+
+    assert tuple(SYNCDREAMER_GSO30) == tuple(HARMONYVIEW_OBJECT_NAMES.split())  # 30, in their order
+    assert len(SYNCDREAMER_GSO30) == 30
+    # get_gt_rotate_angle: sofa -90; 11 objects 270; elephant, school_bus1 180; 4 objects 225; sorter 112.5
+    turned = {k: v for k, v in SYNCDREAMER_GSO30.items() if v}
+    assert len(turned) == 19 and turned["sofa"] == -90.0 and turned["sorter"] == 112.5
+    assert sorted(k for k, v in turned.items() if v == 225.0) == ["school_bus2", "shoe", "train", "turtle"]
+    assert sum(v == 270.0 for v in turned.values()) == 11 and syncdreamer_gt_turn("chicken") == 270.0
+    assert any("HarmonyView" in s for s in SYNCDREAMER_GSO30_SOURCES)
+    assert any("get_gt_rotate_angle" in s for s in SYNCDREAMER_GSO30_SOURCES)
+    with pytest.raises(Nova3DError, match="not in SyncDreamer's GSO 30-object split"):
+        syncdreamer_gt_turn("CHICKEN_NESTING")
+
+
+def test_syncdreamer_gt_vertices_follow_transform_gt() -> None:
+    import numpy as np
+
+    from nova3d.eval.protocols import syncdreamer_gt_vertices
+
+    # a GSO-like OBJ: Z up, resting on z = 0, 0.4 long in x, 0.2 deep, 0.1 high (metres)
+    v = trimesh.creation.box(extents=(0.4, 0.2, 0.1)).vertices + np.array([0.01, -0.02, 0.05])
+    plain = syncdreamer_gt_vertices(v, "bell")  # turn 0: norm_coords only
+    assert np.allclose(plain.max(0), [0.5, 0.25, 0.125]) and np.allclose(plain.min(0), [-0.5, -0.25, -0.125])
+    # chicken: 270 deg -> euler2mat(-270 deg, 0, 0, 'szyx') = Rz(+90 deg): +X goes to +Y
+    chicken = syncdreamer_gt_vertices(v, "chicken")
+    assert np.allclose(chicken.max(0), [0.25, 0.5, 0.125]) and np.allclose(chicken.min(0), [-0.25, -0.5, -0.125])
+    top_front = np.argmax(plain[:, 0] + plain[:, 1] + plain[:, 2])  # corner (+0.5, +0.25, +0.125)
+    assert np.allclose(chicken[top_front], [-0.25, 0.5, 0.125])
+    # normalised BEFORE the turn (their order): a 225 deg turn leaves a bounding box wider than 1
+    shoe = syncdreamer_gt_vertices(v, "shoe")
+    assert (shoe.max(0) - shoe.min(0))[:2].max() == pytest.approx((0.5 + 0.25) * math.sqrt(2), abs=1e-9)

@@ -121,6 +121,58 @@ ALIGNED = EvalProtocol(
               "ICP); no peer script found, see docs/evaluation.md",
     normalization="unit_box", icp=True)
 
+# SyncDreamer's GSO evaluation split (its Table 1/2; Wonder3D and others reuse it): 30 objects by
+# SyncDreamer's short names (not GSO folder ids), each with the turn about +Z, in degrees, that its
+# eval_mesh.py get_gt_rotate_angle gives (0 for the 11 objects it does not name). Sources:
+#   names  github.com/byeongjun-park/HarmonyView gso_evaluation.sh (object_name, NUM_OBJECTS=30) and
+#          its gso-eval/<name>/model.obj folders (SyncDreamer's GT meshes, "Add gso-eval dataset");
+#          github.com/liuyuan-pal/SyncDreamer issue 51 ("gso-eval-meshes.zip contains all the meshes")
+#   turns  github.com/liuyuan-pal/SyncDreamer eval_mesh.py get_gt_rotate_angle / transform_gt
+# Convention (syncdreamer_gt_vertices): the OBJ read as stored (GSO OBJs are Z-up), norm_coords
+# (longest side 1, box centred), THEN v @ Rz(-turn).T; the input camera is on +X (SyncDreamer's frame).
+# Checked against SyncDreamer's own eval_examples/chicken-gt depth renders: the turned chicken mesh
+# lies 0.0022 (mean) from the back-projected depth points at -270 deg, >= 0.0038 at every other
+# multiple of 22.5 deg, 0.10 if the OBJ is read Y-up instead (docs/evaluation.md). Only one short
+# name's GSO id is known: chicken = CHICKEN_NESTING (SyncDreamer eval_examples/chicken-mesh/metadata.pbtxt).
+SYNCDREAMER_GSO30_SOURCES = (
+    "github.com/byeongjun-park/HarmonyView gso_evaluation.sh + gso-eval/<name>/model.obj",
+    "github.com/liuyuan-pal/SyncDreamer eval_mesh.py get_gt_rotate_angle, transform_gt",
+)
+SYNCDREAMER_GSO30: dict[str, float] = {
+    "alarm": 270.0, "backpack": 270.0, "bell": 0.0, "blocks": 270.0, "chicken": 270.0, "cream": 0.0,
+    "elephant": 180.0, "grandfather": 270.0, "grandmother": 270.0, "hat": 0.0, "leather": 0.0,
+    "lion": 270.0, "lunch_bag": 270.0, "mario": 270.0, "oil": 270.0, "school_bus1": 180.0,
+    "school_bus2": 225.0, "shoe": 225.0, "shoe1": 0.0, "shoe2": 0.0, "shoe3": 0.0, "soap": 270.0,
+    "sofa": -90.0, "sorter": 112.5, "sorting_board": 0.0, "stucking_cups": 0.0, "teapot": 0.0,
+    "toaster": 0.0, "train": 225.0, "turtle": 225.0,
+}
+SYNCDREAMER_GSO_IDS = {"chicken": "CHICKEN_NESTING"}  # the only short name -> GSO folder id in their code
+
+
+def syncdreamer_gt_turn(name: str) -> float:
+    """SyncDreamer's turn (degrees about +Z) for a GSO object of its 30-object split; Nova3DError if
+    `name` is not one of its short names."""
+    if name not in SYNCDREAMER_GSO30:
+        raise Nova3DError(f"{name!r} is not in SyncDreamer's GSO 30-object split "
+                          f"({', '.join(SYNCDREAMER_GSO30)})")
+    return SYNCDREAMER_GSO30[name]
+
+
+def syncdreamer_gt_vertices(vertices, name: str):
+    """A GSO mesh's vertices [N, 3] (as stored in its OBJ: Z up) in the frame of SyncDreamer's GT
+    renders, as its eval_mesh.py transform_gt makes them: longest side 1 and centred (norm_coords),
+    then turned by -turn about +Z. numpy float64 out; SyncDreamer's frame (input camera on +X):
+    nova3d.eval.normalize.FRAME_TO_NOVA3D["syncdreamer"] turns it into nova3d's."""
+    import numpy as np
+
+    v = np.asarray(vertices, dtype=np.float64)
+    v = v / float((v.max(0) - v.min(0)).max())
+    v = v - (v.max(0) + v.min(0)) / 2
+    a = -math.radians(syncdreamer_gt_turn(name))
+    rz = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    return v @ rz.T
+
+
 ALIASES = {"gso": "nova3d"}  # the name every caller used before issue 17
 PROTOCOLS = {p.name: p for p in (NOVA3D, SYNCDREAMER, ESCHERNET, ALIGNED)}
 PROTOCOLS.update({alias: PROTOCOLS[target] for alias, target in ALIASES.items()})
