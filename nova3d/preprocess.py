@@ -31,6 +31,9 @@ ALPHA_EPS = 8 / 255  # alpha above this counts for the bounding box (ignores fai
 BORDER_TOLERANCE = 0.08  # 95th-percentile colour deviation along the border that still counts as uniform
 MIN_KEY_DISTANCE = 0.12  # background removal: colour distance at which a pixel is fully object
 OPAQUE = 254 / 255  # an alpha channel that is this opaque everywhere carries no mask
+# 16-bit greyscale PNGs open in these modes; PIL's convert("RGBA") clips them at 255 (all white),
+# which then reads as an empty mask: scale them by their full range instead.
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 ImageSource = Union[str, os.PathLike, PIL.Image.Image]
 
@@ -67,6 +70,12 @@ def load_rgba(source: ImageSource) -> tuple[np.ndarray, bool, str]:
     if min(image.size) < MIN_SIDE:
         raise Nova3DError(f"{name}: image is {image.width}x{image.height}; at least {MIN_SIDE} px per side is needed")
     has_alpha = "A" in image.getbands() or "transparency" in image.info
+    if image.mode in WIDE_GREY_MODES:
+        grey = np.clip(np.asarray(image, dtype=np.float32) / 65535, 0, 1)
+        rgba = np.stack([grey, grey, grey, np.ones_like(grey)], axis=-1)
+        return rgba, False, name
+    if image.mode == "F":
+        raise Nova3DError(f"{name}: a 32-bit float image has no defined range; save it as an 8- or 16-bit PNG")
     rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
     return rgba, bool(has_alpha and rgba[..., 3].min() < OPAQUE), name
 
