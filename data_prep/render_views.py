@@ -36,12 +36,14 @@ from nova3d.atomic import check_writable
 from nova3d.cameras import Cameras
 from nova3d.data import schema
 from nova3d.errors import Nova3DError
+from nova3d.signals import exit_code, interrupts_as_errors
 
 RENDERER = "blender-cycles"
 _GPU_BACKENDS = ("OPTIX", "CUDA", "HIP", "ONEAPI", "METAL")
 _SCRATCH = "_passes"  # EXR passes inside the partial folder, deleted before the rename
 EXIT_STATUS = ("exit status: 0 all rendered (or already done); 1 some objects failed (listed in "
-               f"{FAILURES_FILE}), the others rendered; 2 unusable input or arguments, nothing rendered")
+               f"{FAILURES_FILE}), the others rendered; 2 unusable input or arguments, nothing rendered; "
+               "130 / 143 interrupted by SIGINT / SIGTERM (finished objects kept)")
 
 
 # --- Blender render ------------------------------------------------------------------------
@@ -260,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser("python -m data_prep.render_views", __doc__.split("\n\n")[0],
                         EXIT_STATUS).parse_args(argv)
     try:
-        sources, settings = parse_run(args)
-        summary = render_objects(sources, args.out, settings)
+        with interrupts_as_errors():  # SIGTERM/SIGINT: one line and 128 + signal, like any error
+            sources, settings = parse_run(args)
+            summary = render_objects(sources, args.out, settings)
     except Nova3DError as err:
         print(f"render_views: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     print(summary.describe())
     if summary.failed:  # each was printed as it happened; the last line says how many and where
         first = summary.failed[0]

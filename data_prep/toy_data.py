@@ -24,6 +24,7 @@ from typing import Sequence
 
 from data_prep import toy_family
 from nova3d.errors import Nova3DError
+from nova3d.signals import exit_code, interrupts_as_errors
 
 RENDERS_DIR, SHARDS_DIR = "renders", "shards"
 DEFAULT_COUNT = 1600  # 1440 train, 80 val, 80 test objects
@@ -115,10 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=list(toy_family.SPLITS), choices=toy_family.SPLITS)
     args = p.parse_args(argv)
     try:
-        report = make_toy_data(args.out, args.count, args.seed, args.resolution, args.samples, args.splits)
+        with interrupts_as_errors():  # SIGTERM/SIGINT: one line and 128 + signal, like any error
+            report = make_toy_data(args.out, args.count, args.seed, args.resolution, args.samples, args.splits)
     except Nova3DError as err:
         print(f"toy_data: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     for split, r in report.items():
         print(f"{split}: {r['samples']} objects in shards ({r['rendered']} rendered now, of which {r['redone']} "
               f"re-rendered for changed settings; {r['skipped']} kept; {r['rejected']} rejected), {r['seconds']:.0f} s")

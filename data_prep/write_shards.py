@@ -36,6 +36,7 @@ from nova3d.data.manifest import Manifest, ShardInfo
 from nova3d.data.sample_error import INVALID, SampleError
 from nova3d.data.shards import encode_sample, read_object_folder
 from nova3d.errors import Nova3DError
+from nova3d.signals import exit_code, interrupts_as_errors
 
 VAL_PREFIX = "val"
 TAR_MTIME = 0  # fixed member times: the same objects always give byte-identical shards
@@ -260,13 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        summary = write_shards(args.render_dir, args.out, max_count=args.max_count, max_size=args.max_size,
-                               prefix=args.prefix, val_fraction=args.val_fraction,
-                               encoding=schema.ShardEncoding(level=args.zstd_level), split=args.split,
-                               progress=not args.no_progress)
+        with interrupts_as_errors():  # SIGTERM/SIGINT: one line and 128 + signal, like any error
+            summary = write_shards(args.render_dir, args.out, max_count=args.max_count, max_size=args.max_size,
+                                   prefix=args.prefix, val_fraction=args.val_fraction,
+                                   encoding=schema.ShardEncoding(level=args.zstd_level), split=args.split,
+                                   progress=not args.no_progress)
     except Nova3DError as err:
         print(f"write_shards: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     for r in summary.rejected:
         print(f"rejected {r.object_id} [{r.reason}]: {r.detail}", file=sys.stderr)
     if not summary.shards:  # every object folder was rejected: nothing to train on is a failure
