@@ -1,10 +1,19 @@
 """GSO preparation: render a local Google Scanned Objects folder into evaluation ground truth.
 
     python -m data_prep.gso --gso GSO_DIR --out GT_DIR [--protocol NAME] [--limit N] [--objects ID ...]
+                            [--obj-up z|y] [--gt-turns syncdreamer]
     python -m data_prep.gso --convert-meshes PEER_DIR --frame syncdreamer --out PRED_DIR
 
 Input (the GSO release, unzipped): GSO_DIR/<object_id>/meshes/model.obj (+ model.mtl and
-materials/textures/texture.png). Output, what `nova3d eval --gt GT_DIR` reads:
+materials/textures/texture.png), or GSO_DIR/<name>/model.obj as SyncDreamer's gso-eval folders hold
+them. GSO's OBJs are stored Z-up (every object rests on z = 0; checked on SyncDreamer's chicken GT
+depth renders, docs/evaluation.md), so each is read AS STORED by default (--obj-up z): a Y-up copy
+is staged under GT_DIR/.staging/ for Blender's OBJ importer (which turns Y-up to Z-up), and the
+object stands upright, its -Y side facing view 0. --obj-up y reads the OBJ as a Y-up file (what
+this module did before: GSO objects lay on their side). --gt-turns syncdreamer turns each object as
+SyncDreamer's GT renders show it (nova3d.eval.protocols.SYNCDREAMER_GSO30: its per-object turn about
+Z, then its frame's input camera +X onto ours on -Y); the object ids must be SyncDreamer's short
+names (chicken may be CHICKEN_NESTING). Output, what `nova3d eval --gt GT_DIR` reads:
 
     GT_DIR/<object_id>/   an object folder rendered by data_prep.render_views (the same Blender
                           import, unit-box normalisation, lighting and cameras as training data) at
@@ -15,8 +24,9 @@ materials/textures/texture.png). Output, what `nova3d eval --gt GT_DIR` reads:
                           nova3d.mesh_io (glTF Y-up in the file; mesh_io.load_mesh gives back Z-up)
     GT_DIR/<object_id>/mesh.json  how mesh.glb was made and the render/mesh agreement check
 
-mesh.glb is the OBJ as nova3d.mesh_io.load_mesh reads it, turned Y-up -> Z-up exactly as Blender's OBJ
-importer does (its defaults: forward -Z, up Y), then moved by meta.json's normalisation (v' = (v + offset) * scale).
+mesh.glb is the staged OBJ as nova3d.mesh_io.load_mesh reads it, turned Y-up -> Z-up exactly as Blender's
+OBJ importer does (its defaults: forward -Z, up Y) -- i.e. the GSO OBJ as stored, times mesh.json's
+`turn` -- then moved by meta.json's normalisation (v' = (v + offset) * scale).
 Before it is written, every vertex is projected with cameras.json into the masks Blender rendered:
 if more than MAX_OUTSIDE of them miss (the two disagree), the object is a failure, not ground truth,
 and its renders move to GT_DIR/rejected/ (delete them there to try again).
@@ -30,8 +40,8 @@ PEER_DIR's meshes (PEER/<id>.{glb,obj,ply} or PEER/<id>/mesh.*) as PRED_DIR/<id>
 frame, turned by nova3d.eval.normalize.FRAME_TO_NOVA3D[--frame] (syncdreamer: its input camera on
 +X becomes ours on -Y; nothing else changes: no rescaling, no recentring). `nova3d eval
 --pred-frame syncdreamer` does the same turn on the fly; the conversion is recorded in
-PRED_DIR/frame.json. (SyncDreamer also turned some GSO objects about Z before rendering its GT,
-eval_mesh.py get_gt_rotate_angle: those per-object angles are not applied here.)
+PRED_DIR/frame.json. SyncDreamer also turned 19 GSO objects about Z before rendering its GT
+(eval_mesh.py get_gt_rotate_angle): --gt-turns syncdreamer renders the GT that way instead.
 """
 from __future__ import annotations
 
@@ -52,6 +62,10 @@ from nova3d.errors import Nova3DError
 from nova3d.mesh_io import Y_UP_TO_Z_UP, load_mesh, save_mesh
 
 MODEL = Path("meshes") / "model.obj"
+FLAT_MODEL = Path("model.obj")  # SyncDreamer's / HarmonyView's gso-eval/<name>/model.obj
+STAGING_DIR = ".staging"  # the Y-up OBJ copies Blender imports (removed after each run)
+OBJ_UPS = ("z", "y")  # GSO's OBJs are Z-up
+GT_TURNS = ("syncdreamer",)
 GSO_TEXTURE = Path("materials") / "textures" / "texture.png"
 GT_MESH, MESH_INFO = "mesh.glb", "mesh.json"
 REJECTED_DIR = "rejected"  # renders whose mesh disagreed with them: kept for a look, never evaluated
@@ -80,7 +94,7 @@ def find_objects(gso_dir: Path) -> tuple[list[ObjectSource], list[dict]]:
         raise Nova3DError(f"{gso_dir}: GSO folder not found")
     sources, problems = [], []
     for folder in sorted(p for p in gso_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        obj = folder / MODEL
+        obj = folder / MODEL if (folder / MODEL).is_file() else folder / FLAT_MODEL
         object_id = schema.safe_object_id(folder.name)
         if obj.is_file():
             sources.append(ObjectSource(object_id, str(obj.resolve()), path=obj))
@@ -89,6 +103,64 @@ def find_objects(gso_dir: Path) -> tuple[list[ObjectSource], list[dict]]:
     if not sources and not problems:
         raise Nova3DError(f"{gso_dir}: no object folders (expected <object_id>/{MODEL})")
     return sources, problems
+
+
+def gt_turn(object_id: str, obj_up: str = "z", turns: str | None = None) -> np.ndarray:
+    """[3, 3] rotation from the OBJ as read (Z up; with obj_up "y": after the Y-up -> Z-up turn) to the
+    GT's world frame: identity, or with turns="syncdreamer" SyncDreamer's per-object turn followed by
+    its frame's turn into nova3d's (ValueError for an object not in its split)."""
+    if obj_up not in OBJ_UPS:
+        raise Nova3DError(f"--obj-up must be one of {', '.join(OBJ_UPS)}, not {obj_up!r}")
+    if turns is None:
+        return np.eye(3)
+    if turns not in GT_TURNS:
+        raise Nova3DError(f"--gt-turns must be one of {', '.join(GT_TURNS)}, not {turns!r}")
+    import math
+
+    from nova3d.eval.normalize import FRAME_TO_NOVA3D
+    from nova3d.eval.protocols import SYNCDREAMER_GSO30, SYNCDREAMER_GSO_IDS
+
+    name = {v: k for k, v in SYNCDREAMER_GSO_IDS.items()}.get(object_id, object_id)
+    if name not in SYNCDREAMER_GSO30:
+        raise ValueError(f"not in SyncDreamer's GSO 30-object split (--gt-turns syncdreamer needs its short "
+                         f"names: {', '.join(SYNCDREAMER_GSO30)})")
+    a = -math.radians(SYNCDREAMER_GSO30[name])  # eval_mesh.py transform_gt: Rz(-angle)
+    rz = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    return np.asarray(FRAME_TO_NOVA3D["syncdreamer"]) @ rz
+
+
+def stage_obj(source: ObjectSource, staging: Path, rotation: np.ndarray, obj_up: str = "z") -> ObjectSource:
+    """A copy of the source OBJ whose Blender (Y-up) import gives `rotation` @ (the OBJ as stored, Z up),
+    or with obj_up "y" `rotation` @ (the OBJ turned Y-up -> Z-up); v and vn lines are rewritten, every
+    other line and file (model.mtl, textures: linked) stays as it is. meta.json keeps the source path."""
+    to_file = Y_UP_TO_Z_UP[:3, :3].T @ rotation @ (Y_UP_TO_Z_UP[:3, :3] if obj_up == "y" else np.eye(3))
+    src = Path(source.path)
+    nested = src.parent.name == "meshes"  # GSO's layout: <id>/meshes/model.obj, <id>/materials/...
+    folder = staging / source.object_id
+    if folder.exists():
+        shutil.rmtree(folder)
+    model_dir = folder / "meshes" if nested else folder
+    model_dir.mkdir(parents=True)
+    for entry in src.parent.iterdir():  # model.mtl, a texture beside it
+        if entry.name != src.name:
+            (model_dir / entry.name).symlink_to(entry.resolve())
+    if nested:
+        for entry in src.parent.parent.iterdir():  # materials/textures/texture.png (model.mtl: ../materials/...)
+            if entry.name != "meshes":
+                (folder / entry.name).symlink_to(entry.resolve())
+    lines = []
+    with open(src, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] in ("v", "vn") and len(parts) >= 4:
+                xyz = to_file @ np.array([float(x) for x in parts[1:4]])
+                rest = " ".join(parts[4:])
+                line = f"{parts[0]} {xyz[0]:.9g} {xyz[1]:.9g} {xyz[2]:.9g}{' ' + rest if rest else ''}\n"
+            lines.append(line)
+    staged = model_dir / src.name
+    with open(staged, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.writelines(lines)
+    return ObjectSource(source.object_id, source.source, path=staged)
 
 
 def normalised_mesh(obj_path: Path, normalisation: dict):
@@ -136,9 +208,11 @@ def mask_agreement(verts: np.ndarray, cameras: Cameras, masks: np.ndarray) -> li
     return torch.where(in_frame >= 0.5 * valid.shape[1], share, torch.zeros_like(share)).tolist()
 
 
-def write_gt_mesh(source: ObjectSource, folder: Path, max_outside: float = MAX_OUTSIDE) -> dict:
+def write_gt_mesh(source: ObjectSource, folder: Path, max_outside: float = MAX_OUTSIDE, *,
+                  staging: dict | None = None) -> dict:
     """Write folder/mesh.glb (+ mesh.json) for a rendered object; ValueError if more than `max_outside`
-    of its vertices miss a view's mask (it disagrees with the renders)."""
+    of its vertices miss a view's mask (it disagrees with the renders). `staging`: how the OBJ Blender
+    read was made from the source (stage_obj), recorded in mesh.json."""
     from nova3d.data.png import read_png
 
     meta = schema.ObjectMeta.load(folder / schema.META_FILE)
@@ -159,6 +233,7 @@ def write_gt_mesh(source: ObjectSource, folder: Path, max_outside: float = MAX_O
             "frame": "nova3d world (Z up) in memory; mesh.glb stored glTF Y-up by nova3d.mesh_io",
             "axis_conversion": {"obj_to_blender": Y_UP_TO_Z_UP[:3, :3].tolist(),
                                 "note": "Blender OBJ importer defaults: forward -Z, up Y"},
+            "staging": staging,
             "normalisation": meta.normalisation, "colour": _colour_kind(mesh),
             "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
             "vertices_in_mask_min": min(inside), "vertices_in_mask_mean": float(np.mean(inside))}
@@ -220,12 +295,16 @@ def convert_peer_meshes(src_dir: str | Path, out_dir: str | Path, frame: str) ->
 
 def prepare_gso(gso_dir: str | Path, out_dir: str | Path, protocol: str = "nova3d", *, limit: int | None = None,
                 objects: list[str] | None = None, samples: int = 8, resolution: int | None = None,
-                device: str = "auto", progress: bool = True) -> GsoSummary:
+                device: str = "auto", progress: bool = True, obj_up: str = "z",
+                turns: str | None = None) -> GsoSummary:
     """Render GSO objects and write their GT meshes (module docstring); resumable."""
     from data_prep.render_views import render_objects
     from nova3d.eval.protocol import get_protocol
 
     proto = get_protocol(protocol)
+    gt_turn("", obj_up)  # checks obj_up
+    if turns is not None and turns not in GT_TURNS:
+        raise Nova3DError(f"--gt-turns must be one of {', '.join(GT_TURNS)}, not {turns!r}")
     gso_dir, out = Path(gso_dir), Path(out_dir)
     sources, problems = find_objects(gso_dir)
     if objects:
@@ -259,14 +338,34 @@ def prepare_gso(gso_dir: str | Path, out_dir: str | Path, protocol: str = "nova3
                                "reason": f"rejected earlier (see {FAILURES_FILE}); delete "
                                          f"{out / REJECTED_DIR / source.object_id} to try again"})
     todo = [s for s in sources if s not in done and s not in rejected and s.object_id not in mismatched]
-    rendered = render_objects(todo, out, settings, progress=progress)
-    summary.rendered, summary.failed = rendered.rendered, summary.failed + rendered.failed
+    staging, staged = out / STAGING_DIR, {}
+    for source in todo:
+        try:
+            rotation = gt_turn(source.object_id, obj_up, turns)
+            staged[source.object_id] = (stage_obj(source, staging, rotation, obj_up),
+                                        {"obj_up": obj_up, "gt_turns": turns, "turn": rotation.round(12).tolist(),
+                                         "staged_from": source.source})
+        except (OSError, ValueError) as err:
+            record = {"object": source.object_id, "source": source.source, "reason": f"staging the OBJ: {err}"}
+            append_failure(out, record)
+            summary.failed.append(record)
+    try:
+        rendered = render_objects([staged[s.object_id][0] for s in todo if s.object_id in staged], out, settings,
+                                  progress=progress)
+        summary.rendered, summary.failed = rendered.rendered, summary.failed + rendered.failed
+        _write_gt_meshes(todo, staged, out, summary)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _write_gt_meshes(todo: list[ObjectSource], staged: dict, out: Path, summary: GsoSummary) -> None:
     for source in todo:
         folder = out / source.object_id
-        if not (folder / schema.META_FILE).is_file():  # its render failed (already listed)
+        if source.object_id not in staged or not (folder / schema.META_FILE).is_file():  # failed (listed)
             continue
         try:
-            write_gt_mesh(source, folder)
+            write_gt_mesh(staged[source.object_id][0], folder, staging=staged[source.object_id][1])
             summary.meshes_written.append(source.object_id)
         except Exception as err:  # one bad object must not stop the run
             record = {"object": source.object_id, "source": source.source, "reason": f"GT mesh: {err}"}
@@ -274,7 +373,6 @@ def prepare_gso(gso_dir: str | Path, out_dir: str | Path, protocol: str = "nova3
             summary.failed.append(record)
             (out / REJECTED_DIR).mkdir(exist_ok=True)
             shutil.move(str(folder), str(out / REJECTED_DIR / source.object_id))
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objects", nargs="+", metavar="ID", help="only these object ids")
     p.add_argument("--protocol", default="nova3d", help="evaluation protocol whose orbit is rendered "
                    "(nova3d, syncdreamer, eschernet, aligned; see nova3d eval --list-protocols)")
+    p.add_argument("--obj-up", default="z", help="the OBJs' up axis (GSO: z, the default; "
+                   "y reads them as Y-up files, laying GSO objects on their side)")
+    p.add_argument("--gt-turns", default=None, help="turn each object as SyncDreamer's GT "
+                   "renders show it (object ids: its short names, nova3d.eval.protocols.SYNCDREAMER_GSO30)")
     p.add_argument("--samples", type=int, default=RenderSettings().samples, help="Cycles samples per pixel")
     p.add_argument("--resolution", type=int, default=None, help="override the protocol's image size")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
@@ -301,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.gso is None:
             raise Nova3DError("--gso is required (or --convert-meshes)")
         summary = prepare_gso(args.gso, args.out, args.protocol, limit=args.limit, objects=args.objects,
-                              samples=args.samples, resolution=args.resolution, device=args.device)
+                              samples=args.samples, resolution=args.resolution, device=args.device,
+                              obj_up=args.obj_up, turns=args.gt_turns)
     except Nova3DError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

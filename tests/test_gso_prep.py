@@ -1,5 +1,5 @@
 """data_prep/gso.py: a fake GSO folder (procedural objects written the way GSO ships them:
-meshes/model.obj Y-up + model.mtl + materials/textures/texture.png) rendered into evaluation
+meshes/model.obj Z-up as GSO stores it + model.mtl + materials/textures/texture.png) rendered into evaluation
 ground truth with the real Blender renderer, then evaluated against itself with nova3d eval.
 The Blender part is `slow` (64², 2 samples); input checks are fast."""
 from __future__ import annotations
@@ -27,7 +27,8 @@ OBJECTS = ("crate", "mug")  # a UV texture; vertex colours baked into a palette 
 
 
 def write_gso_object(root: Path, name: str) -> Path:
-    """root/name/meshes/model.obj (+ .mtl, texture.png) of procedural object `name`, Y-up like GSO."""
+    """root/name/meshes/model.obj (+ .mtl, texture.png) of procedural object `name`, Z-up like GSO's OBJs
+    (every GSO object rests on z = 0; SyncDreamer's chicken GT renders fit it read as stored)."""
     mesh = make_object(name)
     folder = root / name
     (folder / "meshes").mkdir(parents=True)
@@ -39,7 +40,7 @@ def write_gso_object(root: Path, name: str) -> Path:
         image = Image.fromarray(np.repeat(np.repeat(colours[None].astype(np.uint8), 4, 0), 4, 1), "RGB")
         uv = np.stack([(index.reshape(-1) + 0.5) / len(colours), np.full(len(index), 0.5)], -1)
     image.save(folder / "materials" / "textures" / "texture.png")
-    v_obj = np.asarray(mesh.vertices) @ mesh_io.Z_UP_TO_Y_UP[:3, :3].T  # inverse of the importer's turn
+    v_obj = np.asarray(mesh.vertices)  # nova3d's world frame is Z up: stored as is, like GSO
     lines = ["mtllib model.mtl", "usemtl material_0"]
     lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in v_obj]
     lines += [f"vt {u:.6f} {v:.6f}" for u, v in uv]
@@ -117,13 +118,16 @@ def test_gso_prep_resumes_and_rejects_a_mesh_that_disagrees(prepared, fake_gso: 
     out, _ = prepared
     again = gso.prepare_gso(fake_gso, out, samples=2, resolution=RES, progress=False)
     assert again.skipped == list(OBJECTS) and again.rendered == [] and again.meshes_written == []
-    # The wrong axis convention must be caught by the render/mesh agreement check.
+    # The wrong axis convention must be caught by the render/mesh agreement check: the GSO OBJ
+    # itself (Z up) read as a Y-up file, what data_prep.gso did before it staged a Y-up copy.
     copy = out.parent / "wrong_axes"
     shutil.copytree(out / "mug", copy)
-    monkeypatch.setattr(gso, "load_mesh", lambda path: mesh_io.load_mesh(path, convert_axes=False))
     source = gso.find_objects(fake_gso)[0][1]
     with pytest.raises(ValueError, match="unit box|disagrees"):
         gso.write_gt_mesh(source, copy)
+    info = json.loads((out / "mug" / gso.MESH_INFO).read_text())
+    assert info["staging"]["obj_up"] == "z" and info["staging"]["turn"] == np.eye(3).tolist()
+    assert not (out / gso.STAGING_DIR).exists()
 
 
 @pytest.mark.slow
@@ -197,3 +201,54 @@ def test_peer_meshes_are_turned_into_nova3d_frame(tmp_path: Path, capsys) -> Non
         assert gso.main([*argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+def test_staged_obj_is_the_gso_obj_as_stored_for_blenders_y_up_import(fake_gso: Path, tmp_path: Path) -> None:
+    """GSO's OBJs are Z-up: Blender's OBJ importer (Y-up -> Z-up, as mesh_io.load_mesh) must see a copy
+    whose import gives the OBJ as stored (times the GT turn), with its material and texture intact."""
+    source = gso.find_objects(fake_gso)[0][0]  # crate: a UV texture via ../materials/textures
+    stored = mesh_io.load_mesh(source.path, convert_axes=False)
+    staged = gso.stage_obj(source, tmp_path / "staging", np.eye(3))
+    assert staged.source == source.source and staged.path != source.path
+    upright = mesh_io.load_mesh(staged.path)  # the importer's turn, as Blender does it
+    assert np.allclose(upright.vertices, stored.vertices, atol=1e-6)
+    assert upright.visual.material.image is not None  # model.mtl -> ../materials/textures/texture.png
+    turn = gso.gt_turn("chicken", turns="syncdreamer")  # Rz(+90) (their 270 deg), then their +X -> our -Y
+    turned = mesh_io.load_mesh(gso.stage_obj(source, tmp_path / "staging", turn).path)
+    assert np.allclose(turned.vertices, stored.vertices @ turn.T, atol=1e-6)
+    assert np.allclose(turn, np.eye(3), atol=1e-12)  # -270 then -90: a full turn for the chicken
+    assert np.allclose(gso.gt_turn("CHICKEN_NESTING", turns="syncdreamer"), turn)
+    assert np.allclose(gso.gt_turn("bell", turns="syncdreamer") @ [1, 0, 0], [0, -1, 0])  # their view 0 -> ours
+    with pytest.raises(ValueError, match="not in SyncDreamer's GSO 30-object split"):
+        gso.gt_turn("crate", turns="syncdreamer")
+    # --obj-up y: the OBJ read as a Y-up file (the old reading: GSO objects on their side)
+    lying = mesh_io.load_mesh(gso.stage_obj(source, tmp_path / "staging", np.eye(3), "y").path)
+    assert np.allclose(lying.vertices, mesh_io.load_mesh(source.path).vertices, atol=1e-6)
+
+
+def test_gt_turns_and_flat_layout_reach_the_renderer(tmp_path: Path, monkeypatch, capsys) -> None:
+    """SyncDreamer's gso-eval layout (<name>/model.obj) is found; --gt-turns syncdreamer stages each
+    object turned, and an object outside its split fails alone, with the reason."""
+    import data_prep.render_views as rv
+    from data_prep.render_io import RenderSummary
+
+    root = tmp_path / "gso-eval"
+    for name in ("crate", "bell"):
+        folder = write_gso_object(root, name if name == "crate" else "mug")
+        if name == "bell":
+            folder = folder.rename(root / "bell")
+        (folder / "meshes" / "model.obj").rename(folder / "model.obj")
+        (folder / "meshes" / "model.mtl").rename(folder / "model.mtl")
+    seen = []
+    monkeypatch.setattr(rv, "render_objects", lambda todo, out, settings, progress: seen.extend(
+        (s.object_id, mesh_io.load_mesh(s.path).vertices.copy()) for s in todo) or RenderSummary())
+    summary = gso.prepare_gso(root, tmp_path / "gt", "syncdreamer", turns="syncdreamer", progress=False)
+    assert [o for o, _ in seen] == ["bell"]
+    stored = mesh_io.load_mesh(root / "bell" / "model.obj", convert_axes=False).vertices
+    assert np.allclose(seen[0][1], stored @ gso.gt_turn("bell", turns="syncdreamer").T, atol=1e-6)
+    assert [f["object"] for f in summary.failed] == ["crate"] and "30-object split" in summary.failed[0]["reason"]
+    assert not (tmp_path / "gt" / gso.STAGING_DIR).exists()
+    for flag in ("--gt-turns", "--obj-up"):
+        assert gso.main(["--gso", str(root), "--out", str(tmp_path / "x"), flag, "nope"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{flag} must be one of" in err and "\n" not in err
