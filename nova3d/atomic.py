@@ -1,8 +1,10 @@
 """Writes that never leave a half-written result: write under a temporary name, then rename.
 
 - `atomic_path`: one file.
-- `staged_dir`: a result folder (fuse, eval, pose study, ...): built in FINAL.partial and swapped in
-  whole on success, so a failed or killed run leaves the previous result exactly as it was.
+- `staged_folder`: any folder (an exported pipeline, an object folder): built in FINAL.partial and
+  swapped in whole on success, so a failed or killed run leaves the previous one exactly as it was.
+- `staged_dir`: a result folder (fuse, eval, pose study, ...): `staged_folder` plus nova3d's marker,
+  and the rule that a rerun replaces only a folder nova3d wrote.
 - `staged_entries`: results that share a folder with other files (the demo, image-to-3d): built in
   a staging folder, whose entries replace the same-named ones of the folder on success.
 """
@@ -111,26 +113,39 @@ def mark_result(folder: Path, command: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(final: str | os.PathLike, command: str, overwrite: bool = True) -> Iterator[Path]:
-    """Yield an empty FINAL.partial to write a result folder into; on success it replaces `final`
-    whole (see check_replaceable for when it may), on any error it is removed and `final` untouched.
-    `command` is recorded in the folder's MARKER."""
+def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty FINAL.partial; on success it replaces `final` (if any) whole, on any error it
+    is removed and `final` untouched. The caller decides first whether `final` may be replaced."""
     final = Path(final)
-    check_replaceable(final, overwrite)
+    _recover(final)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     shutil.rmtree(partial, ignore_errors=True)  # left over from a killed run
     partial.mkdir(parents=True)
     try:
         yield partial
-        mark_result(partial, command)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     old = final.with_name(final.name + OLD_SUFFIX)
     if final.exists():
         os.replace(final, old)
-    os.replace(partial, final)
+    try:
+        os.replace(partial, final)
+    except BaseException:  # the new one cannot go in (or a signal came): the old one goes back
+        _recover(final)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike, command: str, overwrite: bool = True) -> Iterator[Path]:
+    """`staged_folder` for a result folder: `final` is replaced only as check_replaceable allows,
+    and `command` is recorded in the folder's MARKER."""
+    check_replaceable(final, overwrite)
+    with staged_folder(final) as partial:
+        yield partial
+        mark_result(partial, command)
 
 
 @contextlib.contextmanager

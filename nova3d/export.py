@@ -12,13 +12,13 @@ the averaged weights replace the raw ones, as validation uses them.
 Output: `Nova3DPipeline.save_pretrained` — model_index.json, unet/ (config.json +
 gta_unet.safetensors with the GTAConfig), vae/ and image_encoder/ (safetensors), scheduler/
 (SVD-xt's EulerDiscreteScheduler) and feature_extractor/ (CLIP mean/std). The pipeline's
-frames, resolution, normal frame and SVD time ids are the run's. Written to `OUT.partial` and
-renamed, so a folder named OUT is always complete.
+frames, resolution, normal frame and SVD time ids are the run's. Written through
+nova3d.atomic.staged_folder, so a folder named OUT is always complete, and --overwrite keeps the
+old pipeline until the new one is whole.
 """
 from __future__ import annotations
 
 import pickle
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +26,10 @@ from typing import Optional
 
 import torch
 
-from nova3d.atomic import check_writable
+from nova3d.atomic import check_writable, staged_folder
 from nova3d.errors import Nova3DError
 
 CHECKPOINT_NAMES = {"last": "last.ckpt", "best": "best.ckpt"}
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -130,18 +129,11 @@ def export_checkpoint(source: str | Path, out: str | Path, ema: Optional[bool] =
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise Nova3DError(f"{ckpt_path}: its weights do not fit the model its config describes ({reason})") from err
     pipe = build_pipeline(system)
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted export
-    try:
+    with staged_folder(out) as partial:  # with --overwrite, the old pipeline stays until the new one is whole
         pipe.save_pretrained(partial)  # safetensors for every model component
         if unet_dtype is not None:
             from nova3d.models.unet import cast_weights_file
             from nova3d.pipeline import GTAUNet
 
             cast_weights_file(partial / "unet" / GTAUNet.WEIGHTS_NAME, unet_dtype)
-        if out.exists():  # only with overwrite
-            shutil.rmtree(out)
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return ExportResult(out, ckpt_path, int(ckpt.get("global_step", 0)), use_ema)

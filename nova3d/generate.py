@@ -4,12 +4,12 @@ The folder has the layout of the Blender renders, so fusion and the shard writer
 alike: rgb/ RGBA8 (straight colour; alpha = the pipeline's coverage estimate), normal/ RGB16
 (n + 1)/2 in the input-view frame (0 -> 0.5 off the object, as the renders store it), mask/ L8
 (coverage >= 0.5), cameras.json (nova3d.cameras.orbit_cameras with the pipeline's orbit),
-meta.json (source "generated:<model folder>"). Written as <id>.partial, then renamed.
+meta.json (source "generated:<model folder>"). Written as <id>.partial, then renamed
+(nova3d.atomic.staged_folder).
 """
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from nova3d.atomic import staged_folder
 from nova3d.data import schema
 from nova3d.devices import resolve_device
 from nova3d import number_checks as num
@@ -139,26 +140,25 @@ def write_object_folder(out: Path, object_id: str, rgb: torch.Tensor, normals: t
     from nova3d.data.png import encode_png16
     from nova3d.pipeline import MASK_THRESHOLD
 
-    partial, final = out / (object_id + schema.TMP_SUFFIX), out / object_id
-    shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted run
-    for sub in (schema.RGB_DIR, schema.NORMAL_DIR, schema.MASK_DIR):
-        (partial / sub).mkdir(parents=True)
+    final = out / object_id
     rgb, normals, alpha = rgb.float().cpu(), normals.float().cpu(), masks.float().cpu().clamp(0, 1)
     # Straight colour: the decoded views are composited on white, c = a·s + (1 − a).
     straight = ((rgb - (1 - alpha)) / alpha.clamp_min(1 / 255)).clamp(0, 1)
     straight = torch.where(alpha > 1 / 255, straight, rgb)
     binary = alpha >= MASK_THRESHOLD
     stored_normals = torch.where(binary, normals, torch.zeros_like(normals))
-    for i in range(rgb.shape[0]):
-        name = schema.view_name(i)
-        rgba = torch.cat([straight[i], alpha[i]]).permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy()
-        PIL.Image.fromarray(rgba, "RGBA").save(partial / schema.RGB_DIR / name)
-        encoded = ((stored_normals[i].permute(1, 2, 0) + 1) / 2 * 65535).round().clamp(0, 65535)
-        (partial / schema.NORMAL_DIR / name).write_bytes(encode_png16(encoded.numpy().astype(np.uint16)))
-        mask = binary[i, 0].numpy().astype(np.uint8) * 255
-        PIL.Image.fromarray(mask, "L").save(partial / schema.MASK_DIR / name)
-    cameras.save(partial / schema.CAMERAS_FILE)
-    meta.save(partial / schema.META_FILE)
-    partial.rename(final)
+    with staged_folder(final) as partial:  # an error or a signal leaves neither a half folder nor a .partial
+        for sub in (schema.RGB_DIR, schema.NORMAL_DIR, schema.MASK_DIR):
+            (partial / sub).mkdir()
+        for i in range(rgb.shape[0]):
+            name = schema.view_name(i)
+            rgba = torch.cat([straight[i], alpha[i]]).permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy()
+            PIL.Image.fromarray(rgba, "RGBA").save(partial / schema.RGB_DIR / name)
+            encoded = ((stored_normals[i].permute(1, 2, 0) + 1) / 2 * 65535).round().clamp(0, 65535)
+            (partial / schema.NORMAL_DIR / name).write_bytes(encode_png16(encoded.numpy().astype(np.uint16)))
+            mask = binary[i, 0].numpy().astype(np.uint8) * 255
+            PIL.Image.fromarray(mask, "L").save(partial / schema.MASK_DIR / name)
+        cameras.save(partial / schema.CAMERAS_FILE)
+        meta.save(partial / schema.META_FILE)
     return final
 

@@ -6,7 +6,7 @@
 OUT gets the generated object folder under views/<image name>/ (nova3d.generate) and everything
 `nova3d fuse` writes (mesh.glb/.obj/.ply, turntable.gif, conflict_maps.png, metrics.json, ...)
 plus image_to_3d.json (inputs, settings, timings). Every cheap check (fusion config, device, model
-folder, image, OUT) runs before any weights load. Fusion writes into OUT/fusion.partial/ and its
+folder, image, OUT) runs before any weights load. Fusion writes into OUT/.fusion.partial/ and its
 files move into OUT only when it succeeded; when it fails, the generated views stay for
 inspection and the error (one line) says where.
 """
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from nova3d.atomic import check_writable, write_json_atomic
+from nova3d.atomic import PARTIAL_SUFFIX, check_writable, staged_entries, write_json_atomic
 from nova3d.data import schema
 from nova3d.errors import Nova3DError
 from nova3d.fuse import DEFAULT_EXPERIMENT, FuseResult, fuse_object, load_fusion_config
@@ -33,7 +31,8 @@ from nova3d.generate import GenerateSettings, check_model_dir, generate_object
 from nova3d.signals import Interrupted
 
 VIEWS_DIR = "views"  # OUT/views/<object id>/: the generated object folder
-STAGING_DIR = "fusion" + schema.TMP_SUFFIX  # fusion writes here, moved into OUT on success
+STAGING_NAME = "fusion"  # fusion writes into OUT/.fusion.partial/ (nova3d.atomic.staged_entries), moved in on success
+STAGING_DIR = f".{STAGING_NAME}{PARTIAL_SUFFIX}"
 RECORD_FILE = "image_to_3d.json"
 
 
@@ -91,33 +90,24 @@ def generate_views(image: str | Path, model: str | Path, out: Path, settings: Ge
 def fuse_generated(views: str | Path, out: str | Path, cfg: FusionExperimentConfig, log=None) -> FuseResult:
     """Stage 2: fuse the object folder `views` into `out` (mesh.glb etc. directly in `out`).
 
-    Fusion runs in out/fusion.partial/; its files move into `out` only after it succeeded. A
+    Fusion runs in out/.fusion.partial/; its files move into `out` only after it succeeded. A
     Nova3DError from fusion (empty masks, divergence, no surface) becomes one line saying the
     views are kept; the partial output is removed either way."""
     views, out = Path(views), Path(out)
-    staging = out / STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)  # left over from an interrupted run
     kept = (f"generated views kept at {views} for inspection "
             f"(retry with: nova3d fuse --views {views} --out DIR)")
     try:
-        result = fuse_object(views, staging, cfg, log=log)
+        with staged_entries(out, STAGING_NAME) as staging:  # fusion's files enter OUT only once it succeeded
+            result = fuse_object(views, staging, cfg, log=log)
     except Interrupted as err:  # keep its exit status (128 + signal)
-        shutil.rmtree(staging, ignore_errors=True)
         raise Interrupted(err.signum, f"{err}; {kept}") from err
     except Nova3DError as err:
-        shutil.rmtree(staging, ignore_errors=True)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise Nova3DError(f"fusion failed: {first}; {kept}") from err
-    except BaseException as err:  # a bug or an interrupt: no half-written OUT, and say where the views are
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as err:  # a bug: say where the views are
         err.add_note(kept)
         raise
-    moved = {}
-    for entry in sorted(staging.iterdir()):
-        os.replace(entry, out / entry.name)
-        moved[entry] = out / entry.name
-    staging.rmdir()
-    meshes = {fmt: moved.get(p, out / p.name) for fmt, p in result.meshes.items()}
+    meshes = {fmt: out / p.relative_to(staging) for fmt, p in result.meshes.items()}
     return dataclasses.replace(result, out_dir=out, meshes=meshes)
 
 

@@ -6,6 +6,7 @@ bad input is one error line.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,24 @@ def test_out_that_cannot_be_written_is_found_before_loading(run, tmp_path, capsy
     assert main(["export", str(run), "--out", str(tmp_path / "f" / "pipe")]) == 2
     err = capsys.readouterr().err.strip()
     assert "is inside" in err and "a file, not a folder" in err and len(err.splitlines()) == 1
+
+
+def test_a_failed_overwrite_keeps_the_old_pipeline(run, tmp_path, monkeypatch):
+    """--overwrite used to delete OUT before renaming the new one in: a failure or kill then lost both."""
+    out = tmp_path / "pipe"
+    export_checkpoint(run, out)
+    old = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def refuse_partial(rename):  # the new folder cannot be moved in (a full disk, a signal at that moment)
+        def move(src, dst, *args):
+            if str(src).endswith(".partial"):
+                raise OSError(28, "No space left on device")
+            return rename(src, dst, *args)
+        return move
+
+    monkeypatch.setattr("os.replace", refuse_partial(os.replace))
+    monkeypatch.setattr(Path, "rename", refuse_partial(Path.rename))
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(run, out, overwrite=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no pipe.partial or pipe.old

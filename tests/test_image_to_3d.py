@@ -2,7 +2,7 @@
 
 End to end on a tiny random pipeline, whose views are noise: the contract is a mesh or the one-line
 "generated views kept at ..." error. The fusion stage is also run on a known-good object folder, so
-the success path (files moved out of fusion.partial into OUT) is always exercised."""
+the success path (files moved out of .fusion.partial into OUT) is always exercised."""
 from __future__ import annotations
 
 import json

@@ -2,20 +2,20 @@
 
 The inverse of nova3d.data.shards.read_object_folder: the arrays are written exactly (8-bit
 RGBA and masks with PIL, 16-bit normals and depth with encode_png16), so reading the folder
-back gives bit-identical arrays. The folder appears atomically: it is written as
-<name>.partial and renamed once complete.
+back gives bit-identical arrays. The folder appears atomically (nova3d.atomic.staged_folder):
+it is written as <name>.partial and swapped in once complete.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from nova3d.atomic import staged_folder
 from nova3d.data import schema
 from nova3d.data.png import encode_png16
 from nova3d.data.shards import ObjectSample
@@ -51,29 +51,19 @@ def write_object_sample(sample: ObjectSample, out: str | os.PathLike, *, parent:
         raise Nova3DError(f"{final}: the sample holds views {sample.views} of {len(sample.cameras)}; "
                           "an object folder stores whole orbits")
     sample.validate()
-    partial = final.with_name(final.name + schema.TMP_SUFFIX)
-    shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted run
     subdirs = [schema.RGB_DIR, schema.NORMAL_DIR, schema.MASK_DIR] + ([schema.DEPTH_DIR] if sample.depth is not None else [])
-    for sub in subdirs:
-        (partial / sub).mkdir(parents=True)
-    for i in range(sample.mask.shape[0]):
-        name = schema.view_name(i)
-        Image.fromarray(np.ascontiguousarray(sample.rgba[i].transpose(1, 2, 0)), "RGBA").save(partial / schema.RGB_DIR / name)
-        (partial / schema.NORMAL_DIR / name).write_bytes(encode_png16(np.ascontiguousarray(sample.normal[i].transpose(1, 2, 0))))
-        Image.fromarray(np.ascontiguousarray(sample.mask[i]), "L").save(partial / schema.MASK_DIR / name)
-        if sample.depth is not None:
-            (partial / schema.DEPTH_DIR / name).write_bytes(encode_png16(np.ascontiguousarray(sample.depth[i][..., None])))
-    sample.cameras.save(partial / schema.CAMERAS_FILE)
-    object_meta(sample).save(partial / schema.META_FILE)
-    if extra is not None:
-        extra(partial)
-    if final.exists():  # overwrite: swap in the new folder, then drop the old one
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        partial.rename(final)
-        shutil.rmtree(old)
-    else:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial.rename(final)
+    with staged_folder(final) as partial:  # with overwrite, the old folder stays until the new one is whole
+        for sub in subdirs:
+            (partial / sub).mkdir()
+        for i in range(sample.mask.shape[0]):
+            name = schema.view_name(i)
+            Image.fromarray(np.ascontiguousarray(sample.rgba[i].transpose(1, 2, 0)), "RGBA").save(partial / schema.RGB_DIR / name)
+            (partial / schema.NORMAL_DIR / name).write_bytes(encode_png16(np.ascontiguousarray(sample.normal[i].transpose(1, 2, 0))))
+            Image.fromarray(np.ascontiguousarray(sample.mask[i]), "L").save(partial / schema.MASK_DIR / name)
+            if sample.depth is not None:
+                (partial / schema.DEPTH_DIR / name).write_bytes(encode_png16(np.ascontiguousarray(sample.depth[i][..., None])))
+        sample.cameras.save(partial / schema.CAMERAS_FILE)
+        object_meta(sample).save(partial / schema.META_FILE)
+        if extra is not None:
+            extra(partial)
     return final
