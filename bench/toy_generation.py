@@ -10,7 +10,7 @@ Nova3DPipeline (fixed seed) -> 16 RGB + 16 normal views, scored against the rend
 nova3d.eval.generated_views (PSNR / SSIM, normal angular error on the true foreground, RGB-normal
 foreground IoU; means over the 15 novel views; view 0's PSNR apart), beside the trivial baselines
 `input_repeated` and `train_mean` scored the same way; then `fusion/default` at the toy budget
-(nova3d.demo.TOY_FUSION) fuses the generated views and the GSO protocol (64² views) scores the mesh
+(nova3d.demo_parts.TOY_FUSION) fuses the generated views and the GSO protocol (64² views) scores the mesh
 against the GT mesh (Chamfer, Volume IoU). The reference is the same fusion on the TRUE renders of the
 same objects (OUT/true_views/, computed once and reused while objects and fusion settings agree).
 `--split val --fusion-budget none` scores views only, on the split recipes are chosen on (pilots).
@@ -73,7 +73,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def fuse_and_score_mesh(views_dir: Path, out_dir: Path, gt_folder: Path, fusion: tuple[str, ...], protocol):
     """`fusion/default` with the `fusion` overrides on one views folder, scored against the GT object."""
-    from nova3d.demo import score_mesh
+    from nova3d.demo_parts import score_mesh
     from nova3d.fuse import fuse_object, load_fusion_config
 
     fused = fuse_object(views_dir, out_dir, load_fusion_config("fusion/default", list(fusion)))
@@ -183,7 +183,7 @@ def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nova3d.demo import QUICK_TOY_FUSION, TOY_FUSION
+    from nova3d.demo_parts import QUICK_TOY_FUSION, TOY_FUSION
     from nova3d.eval.report import build_report, write_report
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="4 objects, 6 steps, a tiny fusion budget")
     p.add_argument("--jobs", type=int, default=1, help="runs scored side by side, one thread each")
     p.add_argument("--fusion-budget", choices=["toy", "quick", "none"], default="toy",
-                   help="toy: nova3d.demo.TOY_FUSION (~60 s an object); quick: QUICK_TOY_FUSION (~15 s); "
+                   help="toy: nova3d.demo_parts.TOY_FUSION (~60 s an object); quick: QUICK_TOY_FUSION (~15 s); "
                         "none: score the generated views only")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="val: the split recipes are chosen on (views only: val objects have no GT mesh)")

@@ -94,7 +94,7 @@ def run_chain(out: str | Path, model: str | Path = TOY_MODEL, object_name: str =
     """The chain of the module docstring; returns what it made (Nova3DError on unusable input).
     reference: also fuse the true renders (fusion/default), the ceiling the generated views are read against."""
     from data_prep.toy_data import GT_MAX_OUTSIDE
-    from nova3d.demo import TOY_FUSION, render_ground_truth
+    from nova3d.demo_parts import TOY_FUSION, render_ground_truth
     from nova3d.generate import check_model_dir
 
     out, model = Path(out), Path(model)
@@ -117,7 +117,7 @@ def run_chain(out: str | Path, model: str | Path = TOY_MODEL, object_name: str =
 def _generate_and_fuse(out: Path, gt: Path, model: Path, index: dict, steps: int, seed: int, fusion, runs,
                        reference: bool, log, seconds: dict) -> ChainResult:
     from nova3d.data.shards import read_object_folder
-    from nova3d.demo import score_mesh
+    from nova3d.demo_parts import score_mesh
     from nova3d.eval.protocol import get_protocol
     from nova3d.fuse import fuse_object, load_fusion_config
     from nova3d.generate import GenerateSettings, generate_into, load_pipeline
@@ -211,7 +211,7 @@ def report_markdown(chain: ChainResult, report_dir: Path) -> str:
         *rows,
         "",
         f"GSO protocol (`nova3d/eval/protocol.py`, views at {chain.protocol['image_size']}², LPIPS off); fusion at "
-        "the toy budget (`nova3d/demo.py: TOY_FUSION`)."
+        "the toy budget (`nova3d/demo_parts.py: TOY_FUSION`)."
         + (" The reference row fuses the object's true renders with the same settings: the gap between it and "
            "the rows above is what the toy generator's views cost, not fusion." if REFERENCE in chain.runs else ""),
         "",

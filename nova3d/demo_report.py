@@ -175,7 +175,7 @@ def report_markdown(demo, report_dir: Path) -> str:
         "",
         "## Settings",
         "",
-        "Fusion overrides (the demo's CPU budget, `nova3d/demo.py: DEMO_FUSION`): `"
+        "Fusion overrides (the demo's CPU budget, `nova3d/demo_parts.py: DEMO_FUSION`): `"
         + " ".join(demo.fusion_overrides) + "`.",
         "",
         "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in demo.seconds.items()) + ".",
