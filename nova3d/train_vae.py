@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from nova3d.atomic import check_writable, write_text_atomic
+from nova3d.atomic import check_writable, staged_folder, write_text_atomic
 from nova3d.config import load_experiment, to_yaml
 from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.data.manifest import existing_shards
@@ -88,16 +87,14 @@ def reconstruction_metrics(system: AutoencoderSystem, cfg: AutoencoderExperiment
 
 
 def write_conditioner(system: AutoencoderSystem, cfg: AutoencoderExperimentConfig, out: Path, metrics: dict) -> Path:
-    """out/{vae, image_encoder, feature_extractor}/ + metrics.json, staged in out.partial then renamed."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    """out/{vae, image_encoder, feature_extractor}/ + metrics.json, staged (nova3d.atomic.staged_folder):
+    a failed write keeps the previous conditioner."""
     clip, feature_extractor = build_clip(cfg.model, cfg.seed)
-    system.vae.save_pretrained(partial / VAE_DIR)
-    clip.save_pretrained(partial / IMAGE_ENCODER_DIR)
-    feature_extractor.save_pretrained(partial / FEATURE_EXTRACTOR_DIR)
-    (partial / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+    with staged_folder(out) as partial:
+        system.vae.save_pretrained(partial / VAE_DIR)
+        clip.save_pretrained(partial / IMAGE_ENCODER_DIR)
+        feature_extractor.save_pretrained(partial / FEATURE_EXTRACTOR_DIR)
+        (partial / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return out
 
 

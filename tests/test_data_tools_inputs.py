@@ -81,3 +81,30 @@ def test_train_vae_snapshot_records_its_own_command(tmp_path):
     command = (tmp_path / "run" / "command.txt").read_text()
     assert "-m nova3d.train_vae autoencoder/toy trainer.max_steps=3" in command and "nova3d.train " not in command
     assert (tmp_path / "run" / "config.yaml").read_text().strip()
+
+
+def test_train_vae_conditioner_write_that_fails_keeps_the_previous_one(tmp_path, monkeypatch):
+    """write_conditioner deleted the finished conditioner before moving the new one in."""
+    from types import SimpleNamespace
+
+    from nova3d import train_vae
+    from nova3d.config import load_experiment
+
+    out = tmp_path / "conditioner"
+    (out / "vae").mkdir(parents=True)
+    (out / "vae" / "weights").write_text("the finished run's VAE")
+
+    def save_into(name):
+        return lambda folder: (Path(folder).mkdir(parents=True), (Path(folder) / name).write_text("new"))
+
+    def full_disk(folder):
+        raise OSError(28, "No space left on device")
+
+    clip = SimpleNamespace(save_pretrained=save_into("clip"))
+    monkeypatch.setattr(train_vae, "build_clip", lambda model, seed: (clip, SimpleNamespace(save_pretrained=full_disk)))
+    system = SimpleNamespace(vae=SimpleNamespace(save_pretrained=save_into("vae")))
+    with pytest.raises(OSError):
+        train_vae.write_conditioner(system, load_experiment("autoencoder/toy"), out, {"rgb_psnr": 1.0})
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "conditioner", "conditioner/vae", "conditioner/vae/weights"]  # no conditioner.partial left
+    assert (out / "vae" / "weights").read_text() == "the finished run's VAE"
