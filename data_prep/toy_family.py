@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import trimesh
 
+from data_prep.coloured_parts import coloured_part, combine_parts
+
 PRIMITIVES = ("box", "cylinder", "cone", "sphere", "torus", "capsule")
 SPLITS = ("train", "val", "test")
 SPLIT_PERIOD = 20  # index % 20: 0 -> test, 1 -> val, else train
@@ -120,9 +122,7 @@ def toy_parts(seed: int, index: int) -> list[tuple[trimesh.Trimesh, tuple[float,
 
 def toy_object(seed: int, index: int) -> trimesh.Trimesh:
     """Object `index` of family `seed`: vertex-coloured parts in one mesh (procedural._combine)."""
-    from data_prep.procedural import _combine, _part
-
-    return _combine([_part(mesh, colour) for mesh, colour in toy_parts(seed, index)])
+    return combine_parts([coloured_part(mesh, colour) for mesh, colour in toy_parts(seed, index)])
 
 
 def toy_names(seed: int, idx: Sequence[int]) -> list[str]:
