@@ -143,6 +143,50 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+# ---- the toy VAE (experiments/autoencoder/, nova3d.train_vae; built by nova3d.models.autoencoder)
+
+VAE_KINDS = ("kl", "temporal")
+
+
+@dataclass
+class AutoencoderModelConfig:
+    kind: str = "kl"  # VAE_KINDS: AutoencoderKL or SVD's AutoencoderKLTemporalDecoder (module docstring)
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 32, 64])  # 3 levels: latents at H/4
+    layers_per_block: int = 1
+    latent_channels: int = 4  # the GTA-UNet's in_channels are 2 x this
+    # GroupNorm groups ("kl" only: the temporal VAE fixes 32). diffusers' default 32 on 32-channel layers is instance normalisation, which
+    # removes each image's colour statistics (style transfer relies on it): at 32 the toy VAE
+    # reconstructed shapes in grey (RGB 21.3 dB, normals off by 67 deg after 1000 steps).
+    norm_num_groups: int = 8
+    clip_projection_dim: int = 32  # the UNet's cross_attention_dim
+
+
+@dataclass
+class AutoencoderOptimConfig:
+    lr: float = 5.0e-4
+    warmup_steps: int = 100
+    kl_weight: float = 1.0e-6  # SD's VAE weight: a near-deterministic code, rescaled afterwards
+    # Training decodes a random window of this many consecutive orbit views per video (None: all
+    # views): the temporal decoder's cost grows with the frames, its kernel spans 3 of them.
+    frames_per_video: Optional[int] = 8
+    scale_samples: int = 64  # objects whose latents set vae.config.scaling_factor (unit std)
+
+
+@dataclass
+class AutoencoderExperimentConfig:
+    """experiments/autoencoder/*.yaml: what nova3d.train_vae trains."""
+
+    name: str = "autoencoder"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    test_shards: Optional[str] = None  # reconstruction metrics on these after training (None: val shards)
+    test_objects: int = 40
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    optim: AutoencoderOptimConfig = field(default_factory=AutoencoderOptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
 def experiment_path(name: str, root: Path = EXPERIMENTS_DIR) -> Path:
     """The YAML file of an experiment name (or the path itself when it is a file)."""
     as_path = Path(name)
@@ -213,8 +257,6 @@ def schema_for(chain: list[tuple[Path, dict]], root: Path = EXPERIMENTS_DIR) -> 
 
         return FusionExperimentConfig
     if under(AUTOENCODER_DIR):
-        from nova3d.models.autoencoder import AutoencoderExperimentConfig
-
         return AutoencoderExperimentConfig
     return ExperimentConfig
 

@@ -21,64 +21,22 @@ pathway (resize, normalisation, cross-attention, dropout for guidance) is the re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from nova3d.config import DataConfig, LoggingConfig, TrainerConfig
+# The schema lives in nova3d.config (as every experiment's); imported here for the code that builds from it.
+from nova3d.config import VAE_KINDS, AutoencoderExperimentConfig, AutoencoderModelConfig  # noqa: F401
 from nova3d.errors import Nova3DError
 from nova3d.models.conditioning import tiny_clip_vision_config
 from nova3d.models.temporal_conv import use_fast_temporal_convs
 
 
-VAE_KINDS = ("kl", "temporal")
 # A fresh diffusers VAE's posterior has log-variance ~0: unit noise on latents of magnitude ~0.1, so
 # the decoder learns to ignore them and paints the data mean (measured: toy L1 stuck at 0.4-0.9 for
 # 500 steps). Starting at e^-10 (std 0.007), as near-deterministic as SD's trained VAE, the code
 # carries the image from the first step; the KL term may raise it as training goes on.
 LOGVAR_INIT = -10.0
-
-
-@dataclass
-class AutoencoderModelConfig:
-    kind: str = "kl"  # VAE_KINDS: AutoencoderKL or SVD's AutoencoderKLTemporalDecoder (module docstring)
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 32, 64])  # 3 levels: latents at H/4
-    layers_per_block: int = 1
-    latent_channels: int = 4  # the GTA-UNet's in_channels are 2 x this
-    # GroupNorm groups ("kl" only: the temporal VAE fixes 32). diffusers' default 32 on 32-channel layers is instance normalisation, which
-    # removes each image's colour statistics (style transfer relies on it): at 32 the toy VAE
-    # reconstructed shapes in grey (RGB 21.3 dB, normals off by 67 deg after 1000 steps).
-    norm_num_groups: int = 8
-    clip_projection_dim: int = 32  # the UNet's cross_attention_dim
-
-
-@dataclass
-class AutoencoderOptimConfig:
-    lr: float = 5.0e-4
-    warmup_steps: int = 100
-    kl_weight: float = 1.0e-6  # SD's VAE weight: a near-deterministic code, rescaled afterwards
-    # Training decodes a random window of this many consecutive orbit views per video (None: all
-    # views): the temporal decoder's cost grows with the frames, its kernel spans 3 of them.
-    frames_per_video: Optional[int] = 8
-    scale_samples: int = 64  # objects whose latents set vae.config.scaling_factor (unit std)
-
-
-@dataclass
-class AutoencoderExperimentConfig:
-    """experiments/autoencoder/*.yaml: what nova3d.train_vae trains."""
-
-    name: str = "autoencoder"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    test_shards: Optional[str] = None  # reconstruction metrics on these after training (None: val shards)
-    test_objects: int = 40
-    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
-    optim: AutoencoderOptimConfig = field(default_factory=AutoencoderOptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def build_vae(cfg: AutoencoderModelConfig, resolution: int) -> AutoencoderKL | AutoencoderKLTemporalDecoder:
