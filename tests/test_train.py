@@ -233,3 +233,18 @@ def test_every_experiment_trains_two_steps(experiment, shards, tmp_path):
     assert ckpt["global_step"] == 2
     assert (run.checkpoints / "best.ckpt").is_file()  # validation ran and reported val/loss
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_a_truncated_last_ckpt_is_named_before_resuming(tmp_path):
+    """issue 16: resuming from a cut-off last.ckpt crashed deep in torch.load with a traceback."""
+    from nova3d.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(4096)}}, run.last_checkpoint)
+    assert resume_checkpoint(run) == run.last_checkpoint  # an intact one is resumed from
+    with open(run.last_checkpoint, "r+b") as f:
+        f.truncate(run.last_checkpoint.stat().st_size // 2)
+    with pytest.raises(Nova3DError, match="last.ckpt: not a complete checkpoint") as info:
+        resume_checkpoint(run)
+    assert str(run.last_checkpoint) in str(info.value) and "\n" not in str(info.value)
