@@ -108,3 +108,14 @@ def test_train_vae_conditioner_write_that_fails_keeps_the_previous_one(tmp_path,
     assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
         "conditioner", "conditioner/vae", "conditioner/vae/weights"]  # no conditioner.partial left
     assert (out / "vae" / "weights").read_text() == "the finished run's VAE"
+
+
+def test_write_shards_out_that_is_a_file(tmp_path, capsys):
+    from data_prep.write_shards import main as shards_main
+
+    (tmp_path / "renders").mkdir()
+    (tmp_path / "f").write_text("mine")
+    assert shards_main([str(tmp_path / "renders"), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("write_shards: error:") and "is a file" in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "f").read_text() == "mine"
