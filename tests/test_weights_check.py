@@ -3,6 +3,7 @@ one error line naming the file and the problem, before any view is generated, an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -50,6 +51,12 @@ def _empty(model):
     return UNET_WEIGHTS, "empty file"
 
 
+def _truncated(model):
+    path = model / UNET_WEIGHTS
+    os.truncate(path, path.stat().st_size // 3)  # a copy cut off part-way
+    return UNET_WEIGHTS, "truncated"
+
+
 def _edit_json(model, rel, edit):
     path = model / rel
     data = json.loads(path.read_text())
@@ -73,7 +80,7 @@ def _resolution_text(model):
     return "model_index.json", "resolution must be a whole number"
 
 
-CASES = {"nan_bytes": _nan_bytes, "zero_byte_file": _empty, "config_shapes": _shapes, "wrong_class": _wrong_class,
+CASES = {"nan_bytes": _nan_bytes, "zero_byte_file": _empty, "truncated_file": _truncated, "config_shapes": _shapes, "wrong_class": _wrong_class,
          "resolution_not_a_number": _resolution_text}
 
 
@@ -103,3 +110,15 @@ def test_good_weights_load(saved):
 
     pipe = load_pipeline(saved, torch.device("cpu"))  # the finite check passes on a sound folder
     assert pipe.config.resolution == 32
+
+
+def test_image_to_3d_names_non_finite_weights_not_empty_masks(saved, tmp_path, capsys):
+    """issue 25: NaN weights gave blank views, and image-to-3d then blamed "empty masks"."""
+    model = tmp_path / "model"
+    shutil.copytree(saved, model)
+    file_name, problem = _nan_bytes(model)
+    code = main(["image-to-3d", "--image", str(_disc_png(tmp_path / "disc.png")), "--model", str(model),
+                 "--out", str(tmp_path / "out"), "--steps", "1", "--device", "cpu"])
+    line = _error_line(capsys.readouterr().err, "image-to-3d")
+    assert code == 2 and file_name in line and problem in line and "mask" not in line, line
+    assert not (tmp_path / "out" / "views" / "disc").exists()
