@@ -42,6 +42,7 @@ from nova3d.demo_parts import (DEMO_FUSION, QUICK_FUSION, QUICK_TOY_FUSION, REND
 from nova3d.errors import Nova3DError
 from nova3d.eval.conflict import conflict_auroc
 from nova3d.fusion.perturb import PerturbConfig
+from nova3d.signals import exit_code, interrupts_as_errors
 
 DEMO_OBJECT = "torus_knot"  # no hidden cavities: a mug's inside is invisible at elevation 0 and ruins IoU
 RUNS = {"default": "fusion/default", "no_conflict": "fusion/no_conflict", "no_pose_refine": "fusion/no_pose_refine"}
@@ -249,20 +250,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log = Progress()
     try:
-        out = Path(args.out)
-        chain = run_chain(out, args.model, args.toy_object, QUICK_TOY_FUSION if args.quick else TOY_FUSION,
-                          steps=min(args.steps, 6) if args.quick else args.steps, log=log)
-        if args.perturbed:
-            sub = out / "perturbed_demo"
-            log(f"perturbed scenario: render {args.object} with Blender ({RENDER_RESOLUTION}², 16 views, depth) ...")
-            t = time.perf_counter()
-            gt = render_ground_truth(args.object, sub / "gt")
-            demo = run_demo(gt, sub, QUICK_FUSION if args.quick else DEMO_FUSION, progress=log,
-                            seconds={"render + GT mesh": time.perf_counter() - t})
-            log(f"perturbed scenario: {demo.report}")
+        with interrupts_as_errors():  # SIGTERM/SIGINT: one line and 128 + signal, the previous demo kept
+            out = Path(args.out)
+            chain = run_chain(out, args.model, args.toy_object, QUICK_TOY_FUSION if args.quick else TOY_FUSION,
+                              steps=min(args.steps, 6) if args.quick else args.steps, log=log)
+            if args.perturbed:
+                sub = out / "perturbed_demo"
+                log(f"perturbed scenario: render {args.object} with Blender ({RENDER_RESOLUTION}², 16 views, "
+                    "depth) ...")
+                t = time.perf_counter()
+                gt = render_ground_truth(args.object, sub / "gt")
+                demo = run_demo(gt, sub, QUICK_FUSION if args.quick else DEMO_FUSION, progress=log,
+                                seconds={"render + GT mesh": time.perf_counter() - t})
+                log(f"perturbed scenario: {demo.report}")
     except Nova3DError as err:
         print(f"nova3d demo: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     log(f"done in {log.elapsed():.0f}s: open {chain.report}")
     return 0
 

@@ -1,6 +1,6 @@
-"""SIGTERM and SIGINT end the data tools (render_views, write_shards, toy_data) as they end every
-nova3d command (nova3d.signals, issue 25 class 4): one error line and 128 + the signal, not a
-KeyboardInterrupt traceback or a silent death."""
+"""SIGTERM and SIGINT end the data tools (render_views, write_shards, toy_data) and the demo as
+they end every nova3d command (nova3d.signals, issue 25 class 4): one error line and 128 + the
+signal, not a KeyboardInterrupt traceback or a silent death."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import time
 import pytest
 
 from data_prep import render_views, toy_data, write_shards
+from nova3d import demo, demo_chain
 
 
 def _killed_by(signum):
@@ -24,6 +25,7 @@ TOOLS = {  # tool module, the function its main does the work in, arguments, the
     "render_views": (render_views, "render_objects", ["--procedural", "--out", "{out}"]),
     "write_shards": (write_shards, "write_shards", ["{src}", "--out", "{out}"]),
     "toy_data": (toy_data, "make_toy_data", ["--out", "{out}", "--count", "3"]),
+    "nova3d demo": (demo_chain, "run_chain", ["--out", "{out}", "--quick"]),  # make demo's last step
 }
 
 
@@ -35,7 +37,8 @@ def test_a_signal_ends_a_data_tool_with_one_line(tool, signum, tmp_path, monkeyp
     (tmp_path / "src").mkdir()
     argv = [a.format(out=tmp_path / "out", src=tmp_path / "src") for a in argv]
     before = signal.getsignal(signum)
-    assert module.main(argv) == 128 + signum
+    main = demo.main if tool == "nova3d demo" else module.main
+    assert main(argv) == 128 + signum
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"{tool}: error: interrupted by {signal.Signals(signum).name}"), err
     assert signal.getsignal(signum) == before  # the tool gave the handlers back
