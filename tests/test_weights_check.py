@@ -80,7 +80,8 @@ def _resolution_text(model):
     return "model_index.json", "resolution must be a whole number"
 
 
-CASES = {"nan_bytes": _nan_bytes, "zero_byte_file": _empty, "truncated_file": _truncated, "config_shapes": _shapes, "wrong_class": _wrong_class,
+CASES = {"nan_bytes": _nan_bytes, "zero_byte_file": _empty, "truncated_file": _truncated, "config_shapes": _shapes,
+         "wrong_class": _wrong_class,
          "resolution_not_a_number": _resolution_text}
 
 
