@@ -14,6 +14,9 @@ A case is OK when every check holds. The fixtures (a Blender render of a toy obj
 result, a good evaluation, shards, a copy of pretrained/toy) are built once, in process.
 Last line: one JSON object {"tried", "ok", "failed": [case names], "cases": {name: checks}}.
 --quick runs the fast half of the catalogue (no fit is started).
+Kinds: the classes of issue 16 (data loss, silent corruption, traceback, rerun, argument) and of
+issue 25 (weights, numbers, signals, unwritable output, message); `valid` cases are borderline
+inputs that must work (exit 0).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ OBJECT = "toy-s0-00000"
 QUICK_FUSION = ["optim.steps=20", "optim.rays=256", "optim.fit_resolution=32", "export.resolution=32",
                 "logging.tensorboard=false", "logging.progress=false", "logging.turntable_frames=2",
                 "logging.preview_every_n_steps=0"]
+FIXTURES_RECORD = "fixtures.json"  # in the fixtures folder: what build_fixtures made, for a --keep rerun
 DIVERGE = ["optim.steps=5", "optim.lr_grid=1e12", "optim.lr_net=1e12", "optim.lr_color=1e12", "optim.warmup_steps=0"]
 
 
@@ -50,6 +54,8 @@ class Case:
     expect: str  # a word the output must contain (case-insensitive)
     protect: Callable[[Path], list[Path]] = lambda w: []  # what must be byte-identical after
     kill_after: float | None = None  # seconds: SIGKILL the command (a killed run must lose nothing)
+    signal_on: tuple[int, str] | None = None  # (signal, text): sent 3 s after stdout says text; exit 128 + signal
+    valid: bool = False  # valid (or borderline) input: must exit 0 and say `expect`
     one_line: bool = True  # the command reports a problem as one error line (False: a report or a kill)
     quick: bool = True  # part of --quick
     checks: dict = field(default_factory=dict)
@@ -58,7 +64,13 @@ class Case:
 # ---------------------------------------------------------------- fixtures
 
 def build_fixtures(root: Path) -> dict[str, Path]:
-    """The good things bad inputs are set beside: built once, in process."""
+    """The good things bad inputs are set beside: built once, in process (a --keep folder that
+    holds them from an earlier run is reused: FIXTURES_RECORD lists them)."""
+    record = root / FIXTURES_RECORD
+    if record.is_file():
+        fx = {name: Path(path) for name, path in json.loads(record.read_text()).items()}
+        if all(path.exists() for path in fx.values()):
+            return fx
     sys.path.insert(0, str(REPO))
     from data_prep.toy_data import GT_MAX_OUTSIDE
     from data_prep.write_shards import write_shards
@@ -79,6 +91,7 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     write_shards(fx["gt_root"], fx["shards"], progress=False)
     fx["model"] = root / "model"
     shutil.copytree(REPO / "pretrained" / "toy", fx["model"])
+    record.write_text(json.dumps({name: str(path) for name, path in fx.items()}))
     return fx
 
 
@@ -106,6 +119,31 @@ def write_mesh_with(path: Path, bad: float) -> Path:
     vertices = np.array(box.vertices)
     vertices[0, 0] = bad
     trimesh.Trimesh(vertices, box.faces, process=False).export(path)
+    return path
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def overwrite_bytes(path: Path, at_fraction: float = 0.7, length: int = 64) -> None:
+    """0xFF over a stretch of tensor data: NaNs in float16/32, the safetensors header still valid."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at_fraction)
+    data[start:start + length] = b"\xff" * length
+    path.write_bytes(bytes(data))
+
+
+def grey16_png(path: Path) -> Path:
+    """A 16-bit greyscale PNG of a grey box on white (no alpha)."""
+    import numpy as np
+    import PIL.Image
+
+    pixels = np.full((128, 128), 65535, np.uint16)
+    pixels[32:96, 40:88] = 20000
+    PIL.Image.fromarray(pixels).save(path)
     return path
 
 
@@ -161,6 +199,20 @@ def catalogue(fx: dict[str, Path]) -> list[Case]:
         return [PY, "-m", "nova3d.train", "tiny", f"logging.root={w / 'runs'}", f"data.shards={shards}",
                 "trainer.max_steps=1"]
 
+    def model_with(edit):
+        def make(w: Path) -> Path:
+            bad = copy(model, w / "model")
+            edit(bad)
+            return bad
+        return make
+
+    unet_weights = lambda m: next((m / "unet").glob("*.safetensors"))  # noqa: E731
+    nan_model = model_with(lambda m: overwrite_bytes(unet_weights(m)))
+    generate = lambda w, *args, m=model: [*NOVA3D, "generate", "--image", str(image), "--model", str(m),  # noqa: E731
+                                          "--out", str(w / "g"), "--steps", "2", *args]
+    to_3d = lambda w, *args, m=model: [*NOVA3D, "image-to-3d", "--image", str(image), "--model", str(m),  # noqa: E731
+                                       "--out", str(w / "o"), "--steps", "2", *args]
+    inside_a_file = lambda w: str(((w / "f").write_text("x") and w / "f") / "out")  # noqa: E731
     fused_copy = lambda w: copy(fused, w / "result")  # noqa: E731
     eval_copy = lambda w: copy(ev, w / "eval")  # noqa: E731
     return [
@@ -236,6 +288,10 @@ def catalogue(fx: dict[str, Path]) -> list[Case]:
         Case("write_shards_cameras_json_is_a_list", "traceback",
              lambda w: [PY, "-m", "data_prep.write_shards", str(render_dir_all_rejected(w)), "--out", str(w / "s"),
                         "--no-progress"], "cameras.json"),
+        # a rerun of a finished step does nothing and succeeds (make demo twice)
+        Case("write_shards_rerun_is_up_to_date", "rerun",
+             lambda w: [PY, "-m", "data_prep.write_shards", str(fx["gt_root"]), "--out", str(copy(shards, w / "s")),
+                        "--no-progress"], "up to date", lambda w: [w / "s"], valid=True),
         # arguments and missing things
         Case("fuse_views_folder_missing", "argument",
              lambda w: [*NOVA3D, "fuse", "--views", str(w / "nowhere"), "--out", str(w / "o")], "nowhere"),
@@ -266,6 +322,79 @@ def catalogue(fx: dict[str, Path]) -> list[Case]:
         Case("config_unknown_experiment", "argument", lambda w: [*NOVA3D, "config", "nope"], "nope"),
         Case("train_unknown_override", "argument",
              lambda w: [PY, "-m", "nova3d.train", "tiny", "trainer.nope=1", f"logging.root={w / 'runs'}"], "nope"),
+        # issue 25, class 1: a folder that exists is never half-replaced
+        Case("fuse_bad_device_over_a_good_result", "data loss",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str(fused_copy(w)), "device=cuda:7"], "device",
+             lambda w: [w / "result"]),
+        Case("export_over_a_file", "data loss",
+             lambda w: [*NOVA3D, "export", str(checkpoint_cut(w)), "--out", str((w / "f").write_text("x") and w / "f")],
+             "file", lambda w: [w / "f"]),
+        # issue 25, class 2: weights checked when they load, the file and the fault named
+        Case("generate_nan_unet_weights", "weights", lambda w: generate(w, m=nan_model(w)), "non-finite"),
+        Case("image_to_3d_nan_unet_weights", "weights", lambda w: to_3d(w, m=nan_model(w)), "non-finite"),
+        Case("generate_zero_byte_unet_weights", "weights",
+             lambda w: generate(w, m=model_with(lambda m: unet_weights(m).write_bytes(b""))(w)), "empty file"),
+        Case("generate_model_index_wrong_class", "weights",
+             lambda w: generate(w, m=model_with(lambda m: edit_json(m / "model_index.json",
+                                                                      _class_name="StableVideoDiffusionPipeline"))(w)),
+             "StableVideoDiffusionPipeline"),
+        Case("generate_resolution_not_a_number", "weights",
+             lambda w: generate(w, m=model_with(lambda m: edit_json(m / "model_index.json", resolution="sixty"))(w)),
+             "resolution"),
+        Case("generate_unet_config_shapes_mismatch", "weights",
+             lambda w: generate(w, m=model_with(lambda m: edit_json(
+                 m / "unet" / "config.json",
+                 block_out_channels=[c * 2 for c in json.loads((m / "unet" / "config.json").read_text())[
+                     "block_out_channels"]]))(w)), "does not match"),
+        Case("generate_model_is_a_file", "weights",
+             lambda w: generate(w, m=unet_weights(model)), "is a file"),
+        # issue 25, class 3: numbers refused at start-up, naming the option
+        Case("generate_guidance_nan", "numbers", lambda w: generate(w, "--guidance", "nan", "3"), "--guidance"),
+        Case("generate_guidance_huge", "numbers", lambda w: generate(w, "--guidance", "1", "1e9"), "--guidance"),
+        Case("generate_steps_zero", "numbers", lambda w: generate(w, "--steps", "0"), "--steps"),
+        Case("generate_seed_too_big", "numbers", lambda w: generate(w, "--seed", str(2**64)), "--seed"),
+        Case("generate_device_meta", "numbers", lambda w: generate(w, "--device", "meta"), "meta"),
+        Case("image_to_3d_fusion_steps_zero", "numbers", lambda w: to_3d(w, "optim.steps=0"), "optim.steps"),
+        Case("fuse_steps_zero", "numbers",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str(w / "o"), "optim.steps=0"], "optim.steps"),
+        Case("fuse_learning_rate_inf", "numbers",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str(w / "o"), "optim.lr_grid=inf"],
+             "optim.lr_grid"),
+        Case("fuse_seed_out_of_range", "numbers",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str(w / "o"), "seed=4294967296"], "seed"),
+        # issue 25, class 4: signals end a command with one line and 128 + signal, nothing moved in
+        Case("fuse_sigterm_over_a_good_result", "signals",
+             lambda w: [*NOVA3D, "fuse", "--views", str(v), "--out", str(fused_copy(w))], "interrupted by SIGTERM",
+             lambda w: [w / "result"], signal_on=(signal.SIGTERM, "fusion:"), quick=False),
+        Case("image_to_3d_sigint", "signals", lambda w: to_3d(w, "--steps", "25"), "interrupted by SIGINT",
+             signal_on=(signal.SIGINT, "[1/2] generating"), quick=False),
+        # issue 25, class 5: an output folder that cannot be written is found first
+        Case("generate_out_inside_a_file", "unwritable output",
+             lambda w: [*NOVA3D, "generate", "--image", str(image), "--model", str(model), "--out", inside_a_file(w)],
+             "a file, not a folder"),
+        Case("image_to_3d_out_inside_a_file", "unwritable output",
+             lambda w: [*NOVA3D, "image-to-3d", "--image", str(image), "--model", str(model),
+                        "--out", inside_a_file(w)],
+             "a file, not a folder"),
+        Case("eval_out_inside_a_file", "unwritable output",
+             lambda w: [*NOVA3D, "eval", "--pred", str(fx["pred"]), "--gt", str(fx["gt_root"]),
+                        "--out", inside_a_file(w)],
+             "a file, not a folder"),
+        Case("export_out_inside_a_file", "unwritable output",
+             lambda w: [*NOVA3D, "export", str(checkpoint_cut(w)), "--out", inside_a_file(w)], "a file, not a folder"),
+        Case("toy_data_out_is_a_file", "unwritable output",
+             lambda w: [PY, "-m", "data_prep.toy_data", "--out", str((w / "f").write_text("x") and w / "f")],
+             "is a file", lambda w: [w / "f"]),
+        # issue 25, class 7: messages that name the real cause
+        Case("toy_data_resolution_zero", "message",
+             lambda w: [PY, "-m", "data_prep.toy_data", "--out", str(w / "t"), "--resolution", "0"], "--resolution"),
+        Case("train_vae_yaml_that_does_not_exist", "message",
+             lambda w: [PY, "-m", "nova3d.train_vae", str(w / "nope.yaml")], "nope.yaml: no such file"),
+        Case("export_a_safetensors_file", "message",
+             lambda w: [*NOVA3D, "export", str(unet_weights(model)), "--out", str(w / "pipe")], "safetensors"),
+        Case("generate_16_bit_greyscale_png", "valid",
+             lambda w: [*NOVA3D, "generate", "--image", str(grey16_png(w / "grey16.png")), "--model", str(model),
+                        "--out", str(w / "g"), "--steps", "2"], "wrote", valid=True),
     ]
 
 
@@ -284,6 +413,17 @@ def leftovers(w: Path) -> list[str]:
     return [str(p) for p in w.rglob("*") if p.name.endswith((".partial", ".tmp", ".old"))]
 
 
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 600) -> str:
+    """stdout up to the first line holding `text` (all of it, if the command ends first)."""
+    seen, end = "", time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        seen += line
+        if text in line or (not line and proc.poll() is not None):
+            break
+    return seen
+
+
 def run_case(case: Case, w: Path) -> dict:
     argv = case.make(w)
     protected = case.protect(w)
@@ -293,16 +433,30 @@ def run_case(case: Case, w: Path) -> dict:
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=case.kill_after or 600)
+        if case.signal_on:  # to the command only, as a terminal's Ctrl-C or a scheduler's SIGTERM would
+            out = wait_for_line(proc, case.signal_on[1])
+            time.sleep(3)
+            proc.send_signal(case.signal_on[0])
+            more, err = proc.communicate(timeout=120)
+            out += more
+        else:
+            out, err = proc.communicate(timeout=case.kill_after or 600)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        more, err = proc.communicate()
+        out = (out if case.signal_on else "") + more
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     text = (out + err).lower()
+    if case.valid:
+        exit_ok = proc.returncode == 0
+    elif case.signal_on:
+        exit_ok = proc.returncode == 128 + case.signal_on[0]
+    else:
+        exit_ok = proc.returncode != 0
     checks = {
-        "exit": proc.returncode != 0,
-        "one_line": (not case.one_line) or (": error: " in last and "Traceback" not in err),
+        "exit": exit_ok,
+        "one_line": (not case.one_line or case.valid) or (": error: " in last and "Traceback" not in err),
         # a killed run may leave its FOLDER.partial (the next run removes it); nothing else
         "intact": tree_digest(protected) == before and (case.kill_after is not None or not leftovers(w)),
         "named": case.expect.lower() in text,
@@ -314,7 +468,8 @@ def run_case(case: Case, w: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the fast half of the catalogue (no fit is started)")
-    p.add_argument("--keep", help="build fixtures and scratch folders here (kept) instead of a temporary folder")
+    p.add_argument("--keep", help="build fixtures and scratch folders here (kept, and reused by a rerun) "
+                   "instead of a temporary folder")
     p.add_argument("--only", nargs="*", help="case names to run")
     args = p.parse_args(argv)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="nova3d_bad_inputs_"))
