@@ -9,10 +9,10 @@ Inside an sbatch job it stays: there a python command without srun is the mistak
 
 Lightning's INFO records (the "Tip: ... litlogger" line, which has no switch in lightning 2.6,
 Lightning-AI/pytorch-lightning#21294; "GPU available / TPU available" lines; "`Trainer.fit`
-stopped", "Received SIGTERM") are raised to WARNING inside the context: our own progress bar,
-summary line and error line say what a user needs. Lightning 2.6 on torch 2.11 also warns about
-its own use of the deprecated `LeafSpec` on every step; that is hidden too. Every other warning
-stays visible.
+stopped", "Received SIGTERM", "`weights_only` was not set") are raised to WARNING inside the
+context: our own progress bar, summary line and error line say what a user needs. Lightning 2.6
+on torch 2.11 also warns about its own use of the deprecated `LeafSpec` on every step; that is
+hidden too. Every other warning stays visible.
 """
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ THIRD_PARTY_NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",)  # l
 _INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  # "[rank: 0] Received SIGTERM: 15" beside our own one-line error (nova3d.signals;
                  # training's requeue lines are nova3d.preemption's, not Lightning's)
-                 "lightning.pytorch.trainer.connectors.signal_connector")
+                 "lightning.pytorch.trainer.connectors.signal_connector",
+                 # "`weights_only` was not set, defaulting to `False`." on a checkpoint save
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector")
 
 
 def in_slurm_job(env: Mapping[str, str] = os.environ) -> bool:

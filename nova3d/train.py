@@ -118,7 +118,8 @@ def run_training(cfg: ExperimentConfig, argv: Sequence[str] = (),
     # After a preemption the checkpoint is saved and the requeue's SIGTERM is on its way: write nothing more.
     finished = trainer.state.status == TrainerStatus.FINISHED and not preemption.requested
     if finished and trainer.global_step % cfg.trainer.checkpoint_every_n_steps:
-        trainer.save_checkpoint(run.last_checkpoint)
+        # the full state, to resume from: said, not left to Lightning's default (which logs a line)
+        trainer.save_checkpoint(run.last_checkpoint, weights_only=False)
     return trainer
 
 

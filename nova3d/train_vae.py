@@ -142,7 +142,7 @@ def run(cfg: AutoencoderExperimentConfig, argv: Sequence[str] = ()) -> Path:
     with quiet_lightning(EXPECTED_WARNINGS):
         trainer.fit(system, datamodule=MultiViewDataModule(cfg.data), ckpt_path=resume_checkpoint(run_dir),
                     weights_only=True)
-    trainer.save_checkpoint(run_dir.last_checkpoint)
+    trainer.save_checkpoint(run_dir.last_checkpoint, weights_only=False)  # the full state, said (not defaulted)
     system.eval()
     system.vae.register_to_config(scaling_factor=latent_scale(system, cfg))
     metrics = {"global_step": trainer.global_step, "scaling_factor": system.vae.config.scaling_factor,

@@ -112,6 +112,10 @@ def test_train_entry_writes_run_dir_and_resumes(shards, tmp_path):
     done = subprocess.run([sys.executable, "-m", "nova3d.train", "tiny", *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # issue 16: no third-party noise on the console (Lightning's tips, GPU/TPU lines, warnings):
+    # stderr holds progress bars only (checked in a real process: pytest's own hides warnings)
+    noise = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip() and "|" not in line]
+    assert not noise, noise
     run = run_dir_for(load_experiment("tiny", overrides))
     assert run.path == tmp_path / "tiny" / "local"
     assert "name: tiny" in (run.path / "config.yaml").read_text()
