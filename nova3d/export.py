@@ -71,6 +71,10 @@ def read_checkpoint(path: Path) -> dict:
     if _is_safetensors(path):
         raise Nova3DError(f"{path}: a safetensors weights file (part of a pipeline folder?), not a training "
                           "checkpoint; export reads the .ckpt files nova3d.train writes")
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip; its legacy reader
+        # would take any other bytes as a pickle and fail anywhere (KeyError, IndexError, ...)
+        raise Nova3DError(f"{path}: not a readable checkpoint (not the zip archive torch.save writes: "
+                          "another kind of file, or one cut off)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:

@@ -110,7 +110,7 @@ def test_cli_export_then_generate(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "no_checkpoint", "corrupt", "not_nova3d", "no_ema", "safetensors",
-                                  "pickled_object"])
+                                  "pickled_object", "text_file"])
 def test_bad_input_is_one_error_line(case, run, tmp_path, capsys):
     source, extra = tmp_path / "model.ckpt", []
     if case == "missing":
@@ -127,6 +127,8 @@ def test_bad_input_is_one_error_line(case, run, tmp_path, capsys):
 
         source = tmp_path / "weights.safetensors"
         save_file({"w": torch.zeros(2)}, source)
+    elif case == "text_file":  # torch's legacy reader raised KeyError: 101 (a traceback)
+        source.write_text("hello")
     elif case == "pickled_object":
         torch.save({"state_dict": {}, "hyper_parameters": {"config": {}}, "obj": Path("x")}, source)
     else:
