@@ -115,41 +115,71 @@ def true_views_reference(objects: list[Path], out: Path, fusion: tuple[str, ...]
     return reference
 
 
+_PIPELINES: dict = {}  # per process: a worker of the object pool loads each model once
+
+
+def _pipeline(model: Path):
+    from nova3d.generate import load_pipeline
+
+    if model not in _PIPELINES:
+        _PIPELINES[model] = load_pipeline(model, torch.device("cpu"))
+    return _PIPELINES[model]
+
+
+def bench_object(name: str, model: Path, folder: Path, run_dir: Path, steps: int, seed: int,
+                 fusion: tuple[str, ...] | None) -> tuple:
+    """One object: generate its views, score them, fuse and score the mesh (with `fusion`).
+    Returns (view scores, mesh result or None, per-object row, generate seconds, fuse seconds or None)."""
+    from nova3d.eval.protocol import get_protocol
+    from nova3d.generate import GenerateSettings, generate_into
+
+    pipe = _pipeline(model)
+    true = gv.Views.from_sample(read_object_folder(folder))
+    t = time.perf_counter()
+    views_dir = generate_into(pipe, true.rgb[0], run_dir / "views", folder.name,
+                              GenerateSettings(steps=steps, seed=seed, progress=False), model,
+                              {"image": str(folder / "rgb" / "000.png")})
+    gen_seconds = time.perf_counter() - t
+    s = gv.score_views(gv.Views.from_sample(read_object_folder(views_dir)), true)
+    mesh, result, fuse_seconds = {"chamfer": None, "volume_iou": None, "psnr": None}, None, None
+    if fusion is not None:
+        t = time.perf_counter()
+        protocol = get_protocol(PROTOCOL, image_size=pipe.config.resolution, lpips=False)
+        result = fuse_and_score_mesh(views_dir, run_dir / "fused" / folder.name, folder, fusion, protocol)
+        fuse_seconds = time.perf_counter() - t
+        mesh = result.scalars()
+    row = {"object": folder.name, **s.means(), "psnr_view0": s.psnr[0], "chamfer": mesh["chamfer"],
+           "volume_iou": mesh["volume_iou"], "mesh_psnr": mesh["psnr"]}
+    print(f"  {name} {folder.name}: PSNR {s.mean('psnr'):.2f} dB (view 0 {s.psnr[0]:.2f}), normals "
+          f"{s.mean('normal_error_deg'):.1f} deg, mask IoU {s.mean('mask_iou'):.3f}, "
+          f"CD {mesh['chamfer'] or float('nan'):.4f}, IoU {mesh['volume_iou'] or float('nan'):.3f} "
+          f"(generate {gen_seconds:.0f} s{f', fuse {fuse_seconds:.0f} s' if fuse_seconds else ''})", flush=True)
+    return s, result, row, gen_seconds, fuse_seconds
+
+
 def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, list[gv.ViewScores]],
-              out: Path, steps: int, seed: int, fusion: tuple[str, ...] | None) -> dict:
-    """Generate + score views of every object; with `fusion`, also fuse and score the meshes."""
+              out: Path, steps: int, seed: int, fusion: tuple[str, ...] | None, workers: int = 1) -> dict:
+    """Generate + score views of every object; with `fusion`, also fuse and score the meshes.
+    workers > 1: objects side by side in that many processes of one thread each."""
     from nova3d.eval.protocol import get_protocol, protocol_overrides, versions
     from nova3d.eval.results import EvalSummary
-    from nova3d.generate import GenerateSettings, generate_into, load_pipeline
 
-    pipe = load_pipeline(model, torch.device("cpu"))
-    protocol = get_protocol(PROTOCOL, image_size=pipe.config.resolution, lpips=False)
+    protocol = get_protocol(PROTOCOL, image_size=_pipeline(model).config.resolution, lpips=False)
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    scores, results, per_object, gen_seconds, fuse_seconds = [], [], [], [], []
-    for folder in objects:
-        true = gv.Views.from_sample(read_object_folder(folder))
-        t = time.perf_counter()
-        views_dir = generate_into(pipe, true.rgb[0], run_dir / "views", folder.name,
-                                  GenerateSettings(steps=steps, seed=seed, progress=False), model,
-                                  {"image": str(folder / "rgb" / "000.png")})
-        gen_seconds.append(time.perf_counter() - t)
-        s = gv.score_views(gv.Views.from_sample(read_object_folder(views_dir)), true)
-        scores.append(s)
-        mesh = {"chamfer": None, "volume_iou": None, "psnr": None}
-        if fusion is not None:
-            t = time.perf_counter()
-            result = fuse_and_score_mesh(views_dir, run_dir / "fused" / folder.name, folder, fusion, protocol)
-            fuse_seconds.append(time.perf_counter() - t)
-            results.append(result)
-            mesh = result.scalars()
-        per_object.append({"object": folder.name, **s.means(), "psnr_view0": s.psnr[0], "chamfer": mesh["chamfer"],
-                           "volume_iou": mesh["volume_iou"], "mesh_psnr": mesh["psnr"]})
-        print(f"  {name} {folder.name}: PSNR {s.mean('psnr'):.2f} dB (view 0 {s.psnr[0]:.2f}), normals "
-              f"{s.mean('normal_error_deg'):.1f} deg, mask IoU {s.mean('mask_iou'):.3f}, "
-              f"CD {mesh['chamfer'] or float('nan'):.4f}, IoU {mesh['volume_iou'] or float('nan'):.3f} "
-              f"(generate {gen_seconds[-1]:.0f} s{f', fuse {fuse_seconds[-1]:.0f} s' if fuse_seconds else ''})",
-              flush=True)
+    args = [(name, model, folder, run_dir, steps, seed, fusion) for folder in objects]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            done = list(pool.map(bench_object, *zip(*args)))
+    else:
+        done = [bench_object(*a) for a in args]
+    scores = [d[0] for d in done]
+    results = [d[1] for d in done if d[1] is not None]
+    per_object = [d[2] for d in done]
+    gen_seconds = [d[3] for d in done]
+    fuse_seconds = [d[4] for d in done if d[4] is not None]
     if results:
         EvalSummary(protocol=dataclasses.asdict(protocol), protocol_overrides=protocol_overrides(protocol),
                     objects=results, lpips_reason="LPIPS off in this bench", versions=versions(),
@@ -194,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "toy_bench")
     p.add_argument("--quick", action="store_true", help="4 objects, 6 steps, a tiny fusion budget")
-    p.add_argument("--jobs", type=int, default=1, help="runs scored side by side, one thread each")
+    p.add_argument("--jobs", type=int, default=1, help="runs scored side by side, one thread each (one run: its objects)")
     p.add_argument("--fusion-budget", choices=["toy", "quick", "none"], default="toy",
                    help="toy: nova3d.demo_parts.TOY_FUSION (~60 s an object); quick: QUICK_TOY_FUSION (~15 s); "
                         "none: score the generated views only")
@@ -222,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     if fusion is not None:
         resolution = gv.Views.from_sample(read_object_folder(objects[0])).rgb.shape[-1]
         reference = true_views_reference(objects, args.out, fusion, resolution)
-    if args.jobs > 1:
+    if args.jobs > 1 and len(jobs) == 1:  # one run: its objects side by side
+        rows = {jobs[0][0]: bench_run(*jobs[0], workers=args.jobs)}
+    elif args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
