@@ -196,7 +196,7 @@ def catalogue(fx: dict[str, Path]) -> list[Case]:
         ckpt = w / "runs" / "tiny" / "local" / "checkpoints" / "last.ckpt"
         ckpt.parent.mkdir(parents=True)
         shutil.copy(checkpoint_cut(w), ckpt)
-        return [PY, "-m", "nova3d.train", "tiny", f"logging.root={w / 'runs'}", f"data.shards={shards}",
+        return [PY, "-m", "nova3d.train", "tiny", f"logging.root={w / 'runs'}", f"data.train_shards={shards}",
                 "trainer.max_steps=1"]
 
     def model_with(edit):
@@ -247,7 +247,7 @@ def catalogue(fx: dict[str, Path]) -> list[Case]:
              lambda w: [w / "shards"], one_line=False),
         Case("train_on_interrupted_shards", "silent corruption",
              lambda w: [PY, "-m", "nova3d.train", "tiny", f"logging.root={w / 'runs'}",
-                        f"data.shards={shards_without_manifest(w)}", "trainer.max_steps=1"], "manifest",
+                        f"data.train_shards={shards_without_manifest(w)}", "trainer.max_steps=1"], "manifest",
              lambda w: [w / "shards"], quick=False),
         Case("inspect_flipped_byte_in_a_shard", "silent corruption",
              lambda w: [*NOVA3D, "inspect-shards", str(shards_flipped(w))], "checksum", lambda w: [w / "shards"],
@@ -278,7 +278,7 @@ def catalogue(fx: dict[str, Path]) -> list[Case]:
              lambda w: [*NOVA3D, "image-to-3d", "--image", str(image), "--model", str(truncated_model(w)),
                         "--out", str(w / "g"), "--steps", "2"], "truncated"),
         Case("train_resumes_from_a_truncated_last_ckpt", "traceback", truncated_resume, "not a complete checkpoint",
-             lambda w: [w / "runs" / "tiny" / "local" / "checkpoints"], quick=False),
+             lambda w: [w / "runs" / "tiny" / "local"], quick=False),
         Case("export_a_file_that_is_not_a_checkpoint", "traceback",
              lambda w: [*NOVA3D, "export", str((w / "x.ckpt").write_text("hello") and w / "x.ckpt"),
                         "--out", str(w / "pipe")], "checkpoint"),

@@ -99,13 +99,13 @@ def run_training(cfg: ExperimentConfig, argv: Sequence[str] = (),
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of mixed precision
     run = run_dir_for(cfg)
+    ckpt = resume_checkpoint(run)  # a truncated last.ckpt is named before the run's files are touched
     preemption = PreemptionCheckpoint(run.path)
     trainer = build_trainer(cfg, run, [preemption, *extra_callbacks])
     cfg = apply_global_batch(cfg, trainer.world_size)  # data.global_batch_size -> per-rank batch_size
     write_snapshot(run, cfg, argv)
     datamodule = MultiViewDataModule(cfg.data)
     system = MultiViewDiffusion(cfg)
-    ckpt = resume_checkpoint(run)
     if ckpt is not None:
         _note(f"resuming from {ckpt}")
     elif cfg.model.init_from:
