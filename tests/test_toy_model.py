@@ -1,12 +1,13 @@
-"""The shipped toy model (pretrained/toy) really generates: it beats the trivial baseline on unseen
+"""The shipped toy model (pretrained/toy) really generates: it beats the trivial baselines on unseen
 objects, and the bounds it is held to fail when the sampler, the CFG halves or the domains break.
 
 The objects are test-split members of the toy family (never trained on), rendered here with Blender
-as `make toy-data` renders them. Baselines: the training-set mean view for PSNR (the input view
-repeated scores ~0.3 dB above this toy model on PSNR: at 64² a turning object keeps much of its
-silhouette, and the model's views are blurred by its VAE; docs/benchmarks.md says so), and the true
-input-view normals repeated for the normal error. Bounds were set from measured values
-(docs/benchmarks.md, "Toy recipe") with room for noise; each sabotage below is measured to fail them.
+as `make toy-data` renders them. Baselines: the input view repeated for PSNR (the stronger of the two
+trivial ones: at 64² a turning object keeps much of its silhouette), and the true input-view normals
+repeated for the normal error. Bounds were set from measured values (docs/benchmarks.md, "Toy
+recipe": intact +1.42 dB and -39.9°, 2026-12-07) with room for noise; each sabotage below is
+measured to fail them (swapped domains by PSNR +0.30 dB and normals +0.7°, swapped CFG halves by
+-4.5 dB and -6.5°, the backwards sampler by everything).
 """
 import json
 from pathlib import Path
@@ -23,10 +24,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TOY_MODEL = Path(__file__).resolve().parent.parent / "pretrained" / "toy"
 OBJECTS = ("toy-s0-00000", "toy-s0-00020", "toy-s0-00040")  # test split
-TRAIN_OBJECTS = 24  # the first training-split objects: their mean view is the PSNR baseline
+TRAIN_OBJECTS = 24  # the first training-split objects: their mean view, the weaker PSNR baseline (reported)
 STEPS = 8
-PSNR_MARGIN_DB = 0.5  # generated views beat the training-set mean view by at least this (novel views)
-NORMAL_MARGIN_DEG = 20.0  # ... and the true input-view normals repeated by at least this many degrees
+PSNR_MARGIN_DB = 0.8  # generated novel views beat the input view repeated by at least this
+NORMAL_MARGIN_DEG = 30.0  # ... and the true input-view normals repeated by at least this many degrees
 MIN_MASK_IOU = 0.6  # RGB and normal foregrounds of the same generated view agree
 
 
@@ -76,7 +77,8 @@ def scores(pipe, test_objects) -> dict:
 
 
 def within_bounds(s: dict) -> bool:
-    return (s["psnr"] >= s["psnr_baseline"] + PSNR_MARGIN_DB and s["normal"] <= s["normal_baseline"] - NORMAL_MARGIN_DEG
+    return (s["psnr"] >= s["psnr_input_repeated"] + PSNR_MARGIN_DB
+            and s["normal"] <= s["normal_baseline"] - NORMAL_MARGIN_DEG
             and s["mask_iou"] >= MIN_MASK_IOU)
 
 
