@@ -205,11 +205,12 @@ from nova3d.fuse import fuse_object, load_fusion_config
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
 t0 = time.perf_counter()
 result = fuse_object(folder, out, load_fusion_config("fusion/default", [
-    "device=cpu", "logging.progress=false", "optim.steps=20", "optim.fit_resolution=32"]))
+    "device=cpu", "logging.progress=false", "optim.steps=20", "optim.fit_resolution=32", "export.resolution=64",
+    "render.occupancy.resolution=32", "logging.turntable_frames=8", "logging.preview_every_n_steps=0"]))
 print(json.dumps({"benchmark": "fusion_small", "device": "cpu", "steps": 20,
                   "seconds_total": round(time.perf_counter() - t0, 1), "faces": result.metrics.get("faces")}))
 EOF
-  part fusion 240 env PYTHONPATH="$REPO" "$PY" "$WORK/fuse_small.py" "$WORK/renders/mug" "$WORK/fused"
+  part fusion 300 env PYTHONPATH="$REPO" "$PY" "$WORK/fuse_small.py" "$WORK/renders/mug" "$WORK/fused"
 else
   part fusion 70 "$PY" bench/fusion_speed.py --device cuda --quick --out "$WORK/fusion_speed"
   part blender 30 "$PY" -m data_prep.render_views --procedural mug --out "$WORK/renders" --resolution 256 --device gpu

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nova3d.atomic import write_json_atomic  # noqa: E402
+from nova3d.atomic import check_writable, staged_folder, write_json_atomic  # noqa: E402
 from nova3d.data.shards import read_object_folder  # noqa: E402
+from nova3d.errors import Nova3DError  # noqa: E402
 from nova3d.eval import generated_views as gv  # noqa: E402
 
 KEYS = ("psnr_generated", "ssim_generated", "psnr_view0", "psnr_baseline", "normal_error_deg_generated",
@@ -161,12 +161,21 @@ def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, 
               out: Path, steps: int, seed: int, fusion: tuple[str, ...] | None, workers: int = 1) -> dict:
     """Generate + score views of every object; with `fusion`, also fuse and score the meshes.
     workers > 1: objects side by side in that many processes of one thread each."""
-    from nova3d.eval.protocol import get_protocol, protocol_overrides, versions
-    from nova3d.eval.results import EvalSummary
+    from nova3d.eval.protocol import get_protocol
 
     protocol = get_protocol(PROTOCOL, image_size=_pipeline(model).config.resolution, lpips=False)
-    run_dir = out / name
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # Written in OUT/NAME.partial and swapped in whole at the end: a failed or killed run keeps the last one.
+    with staged_folder(out / name) as run_dir:
+        return _bench_run_into(run_dir, out / name, name, model, objects, baselines, steps, seed, fusion, workers,
+                               protocol)
+
+
+def _bench_run_into(run_dir: Path, final_dir: Path, name: str, model: Path, objects: list[Path],
+                    baselines: dict[str, list[gv.ViewScores]], steps: int, seed: int,
+                    fusion: tuple[str, ...] | None, workers: int, protocol) -> dict:
+    from nova3d.eval.protocol import protocol_overrides, versions
+    from nova3d.eval.results import EvalSummary
+
     args = [(name, model, folder, run_dir, steps, seed, fusion) for folder in objects]
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -183,7 +192,7 @@ def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, 
     if results:
         EvalSummary(protocol=dataclasses.asdict(protocol), protocol_overrides=protocol_overrides(protocol),
                     objects=results, lpips_reason="LPIPS off in this bench", versions=versions(),
-                    environment={"device": "cpu"}, pred_dir=str(run_dir / "fused"), gt_dir=str(objects[0].parent),
+                    environment={"device": "cpu"}, pred_dir=str(final_dir / "fused"), gt_dir=str(objects[0].parent),
                     seconds=float(sum(r.seconds for r in results))).write(run_dir / "eval")
     best_psnr = max(baselines, key=lambda b: _mean([s.mean("psnr") for s in baselines[b]]))
     best_normal = min(baselines, key=lambda b: _mean([s.mean("normal_error_deg") for s in baselines[b]]))
@@ -235,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--split val scores views only: add --fusion-budget none")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = dict(r.split("=", 1) for r in args.runs)
+    try:  # every model loads and the data is there before anything in OUT is touched
+        for model in runs.values():
+            _pipeline(Path(model))
+        check_writable(args.out)
+    except Nova3DError as err:
+        print(f"toy_generation: error: {err}", file=sys.stderr)
+        return 2
     count, steps = (4, 6) if args.quick else (args.objects, args.steps)
     fusion = (None if args.fusion_budget == "none" else
               QUICK_TOY_FUSION if args.quick or args.fusion_budget == "quick" else TOY_FUSION)

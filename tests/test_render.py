@@ -206,7 +206,7 @@ def test_bad_cli_input_is_one_clear_line(tmp_path: Path, capsys, argv: list[str]
 
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and err.startswith("render_views: error: ") and message in err
 
 
 def test_unwritable_output_dir_via_the_module_entry(tmp_path: Path) -> None:
@@ -215,7 +215,7 @@ def test_unwritable_output_dir_via_the_module_entry(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "data_prep.render_views", "--procedural", "mug",
                              "--out", str(blocker / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "cannot create output folder" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "which is a file, not a folder" in result.stderr
 
 
 # --- without Blender ----------------------------------------------------------------------
