@@ -127,10 +127,9 @@ def _pipeline(model: Path):
 
 
 def bench_object(name: str, model: Path, folder: Path, run_dir: Path, steps: int, seed: int,
-                 fusion: tuple[str, ...] | None) -> tuple:
+                 fusion: tuple[str, ...] | None, protocol) -> tuple:
     """One object: generate its views, score them, fuse and score the mesh (with `fusion`).
     Returns (view scores, mesh result or None, per-object row, generate seconds, fuse seconds or None)."""
-    from nova3d.eval.protocol import get_protocol
     from nova3d.generate import GenerateSettings, generate_into
 
     pipe = _pipeline(model)
@@ -144,7 +143,6 @@ def bench_object(name: str, model: Path, folder: Path, run_dir: Path, steps: int
     mesh, result, fuse_seconds = {"chamfer": None, "volume_iou": None, "psnr": None}, None, None
     if fusion is not None:
         t = time.perf_counter()
-        protocol = get_protocol(PROTOCOL, image_size=pipe.config.resolution, lpips=False)
         result = fuse_and_score_mesh(views_dir, run_dir / "fused" / folder.name, folder, fusion, protocol)
         fuse_seconds = time.perf_counter() - t
         mesh = result.scalars()
@@ -161,64 +159,60 @@ def bench_run(name: str, model: Path, objects: list[Path], baselines: dict[str, 
               out: Path, steps: int, seed: int, fusion: tuple[str, ...] | None, workers: int = 1) -> dict:
     """Generate + score views of every object; with `fusion`, also fuse and score the meshes.
     workers > 1: objects side by side in that many processes of one thread each."""
-    from nova3d.eval.protocol import get_protocol
+    from nova3d.eval.protocol import get_protocol, protocol_overrides, versions
+    from nova3d.eval.results import EvalSummary
 
     protocol = get_protocol(PROTOCOL, image_size=_pipeline(model).config.resolution, lpips=False)
     # Written in OUT/NAME.partial and swapped in whole at the end: a failed or killed run keeps the last one.
     with staged_folder(out / name) as run_dir:
-        return _bench_run_into(run_dir, out / name, name, model, objects, baselines, steps, seed, fusion, workers,
-                               protocol)
+        done = _bench_objects([(name, model, folder, run_dir, steps, seed, fusion, protocol) for folder in objects],
+                              workers)
+        scores = [d[0] for d in done]
+        results = [d[1] for d in done if d[1] is not None]
+        per_object = [d[2] for d in done]
+        gen_seconds = [d[3] for d in done]
+        fuse_seconds = [d[4] for d in done if d[4] is not None]
+        if results:
+            EvalSummary(protocol=dataclasses.asdict(protocol), protocol_overrides=protocol_overrides(protocol),
+                        objects=results, lpips_reason="LPIPS off in this bench", versions=versions(),
+                        environment={"device": "cpu"}, pred_dir=str(out / name / "fused"),
+                        gt_dir=str(objects[0].parent),
+                        seconds=float(sum(r.seconds for r in results))).write(run_dir / "eval")
+        best_psnr = max(baselines, key=lambda b: _mean([s.mean("psnr") for s in baselines[b]]))
+        best_normal = min(baselines, key=lambda b: _mean([s.mean("normal_error_deg") for s in baselines[b]]))
+        row = {
+            "psnr_generated": _mean([s.mean("psnr") for s in scores]),
+            "ssim_generated": _mean([s.mean("ssim") for s in scores]),
+            "psnr_view0": _mean([s.psnr[0] for s in scores]),
+            "psnr_baseline": _mean([s.mean("psnr") for s in baselines[best_psnr]]),
+            "psnr_baseline_name": best_psnr,
+            "normal_error_deg_generated": _mean([s.mean("normal_error_deg") for s in scores]),
+            "normal_error_deg_baseline": _mean([s.mean("normal_error_deg") for s in baselines[best_normal]]),
+            "normal_baseline_name": best_normal,
+            "rgb_normal_mask_iou": _mean([s.mean("mask_iou") for s in scores]),
+            "chamfer_fused": _mean([o["chamfer"] for o in per_object]),
+            "iou_fused": _mean([o["volume_iou"] for o in per_object]),
+            "objects": len(objects),
+            "psnr_per_view": np.mean([s.psnr for s in scores], axis=0).round(3).tolist(),
+            "normal_error_deg_per_view": np.nanmean([s.normal_error_deg for s in scores], axis=0).round(3).tolist(),
+            "seconds_generate_median": float(np.median(gen_seconds)),
+            "seconds_fuse_median": float(np.median(fuse_seconds)) if fuse_seconds else None,
+            "model": str(model), "steps": steps, "seed": seed,
+        }
+        write_json_atomic(run_dir / "metrics.json", {"experiment": name, **{k: v for k, v in row.items()
+                                                                            if isinstance(v, (int, float))}})
+        write_json_atomic(run_dir / "per_object.json", per_object)
+        return row
 
 
-def _bench_run_into(run_dir: Path, final_dir: Path, name: str, model: Path, objects: list[Path],
-                    baselines: dict[str, list[gv.ViewScores]], steps: int, seed: int,
-                    fusion: tuple[str, ...] | None, workers: int, protocol) -> dict:
-    from nova3d.eval.protocol import protocol_overrides, versions
-    from nova3d.eval.results import EvalSummary
-
-    args = [(name, model, folder, run_dir, steps, seed, fusion) for folder in objects]
+def _bench_objects(args: list[tuple], workers: int) -> list[tuple]:
+    """bench_object over `args`, in `workers` processes of one thread each when workers > 1."""
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            done = list(pool.map(bench_object, *zip(*args)))
-    else:
-        done = [bench_object(*a) for a in args]
-    scores = [d[0] for d in done]
-    results = [d[1] for d in done if d[1] is not None]
-    per_object = [d[2] for d in done]
-    gen_seconds = [d[3] for d in done]
-    fuse_seconds = [d[4] for d in done if d[4] is not None]
-    if results:
-        EvalSummary(protocol=dataclasses.asdict(protocol), protocol_overrides=protocol_overrides(protocol),
-                    objects=results, lpips_reason="LPIPS off in this bench", versions=versions(),
-                    environment={"device": "cpu"}, pred_dir=str(final_dir / "fused"), gt_dir=str(objects[0].parent),
-                    seconds=float(sum(r.seconds for r in results))).write(run_dir / "eval")
-    best_psnr = max(baselines, key=lambda b: _mean([s.mean("psnr") for s in baselines[b]]))
-    best_normal = min(baselines, key=lambda b: _mean([s.mean("normal_error_deg") for s in baselines[b]]))
-    row = {
-        "psnr_generated": _mean([s.mean("psnr") for s in scores]),
-        "ssim_generated": _mean([s.mean("ssim") for s in scores]),
-        "psnr_view0": _mean([s.psnr[0] for s in scores]),
-        "psnr_baseline": _mean([s.mean("psnr") for s in baselines[best_psnr]]),
-        "psnr_baseline_name": best_psnr,
-        "normal_error_deg_generated": _mean([s.mean("normal_error_deg") for s in scores]),
-        "normal_error_deg_baseline": _mean([s.mean("normal_error_deg") for s in baselines[best_normal]]),
-        "normal_baseline_name": best_normal,
-        "rgb_normal_mask_iou": _mean([s.mean("mask_iou") for s in scores]),
-        "chamfer_fused": _mean([o["chamfer"] for o in per_object]),
-        "iou_fused": _mean([o["volume_iou"] for o in per_object]),
-        "objects": len(objects),
-        "psnr_per_view": np.mean([s.psnr for s in scores], axis=0).round(3).tolist(),
-        "normal_error_deg_per_view": np.nanmean([s.normal_error_deg for s in scores], axis=0).round(3).tolist(),
-        "seconds_generate_median": float(np.median(gen_seconds)),
-        "seconds_fuse_median": float(np.median(fuse_seconds)) if fuse_seconds else None,
-        "model": str(model), "steps": steps, "seed": seed,
-    }
-    write_json_atomic(run_dir / "metrics.json", {"experiment": name, **{k: v for k, v in row.items()
-                                                                        if isinstance(v, (int, float))}})
-    write_json_atomic(run_dir / "per_object.json", per_object)
-    return row
+            return list(pool.map(bench_object, *zip(*args)))
+    return [bench_object(*a) for a in args]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "toy_bench")
     p.add_argument("--quick", action="store_true", help="4 objects, 6 steps, a tiny fusion budget")
-    p.add_argument("--jobs", type=int, default=1, help="runs scored side by side, one thread each (one run: its objects)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs scored side by side, one thread each (one run: its objects)")
     p.add_argument("--fusion-budget", choices=["toy", "quick", "none"], default="toy",
                    help="toy: nova3d.demo_parts.TOY_FUSION (~60 s an object); quick: QUICK_TOY_FUSION (~15 s); "
                         "none: score the generated views only")
