@@ -63,12 +63,19 @@ class FusionLossConfig:
     conflict_min_error: float = 0.02
     conflict_maps: bool = True
     conflict_start_step: int = 200  # the colour error means little before geometry has formed
+    # Oracle supervision of the conflict map (issue 15 §2, fusion/supervised_conflict): weight of a
+    # BCE between the rendered conflict and the true corruption masks, read from this folder under
+    # the views (what `nova3d perturb` writes). 0: off, the maps learn from the colour error alone.
+    conflict_supervision: float = 0.0
+    conflict_supervision_masks: str = "perturb/corruption"
     pose: float = 1.0e-2
 
     def __post_init__(self) -> None:
         for name in ("color", "normal", "mask", "eikonal", "sparsity", "sparsity_scale", "conflict",
-                     "conflict_min_error", "pose"):
+                     "conflict_min_error", "conflict_supervision", "pose"):
             num.in_range(f"loss.{name}", getattr(self, name), 0)
+        if self.conflict_supervision > 0 and not (self.conflict_maps and self.conflict > 0):
+            raise Nova3DError("loss.conflict_supervision needs conflict maps (loss.conflict_maps true, loss.conflict > 0)")
         num.count("loss.sparsity_points", self.sparsity_points)
         num.count("loss.conflict_start_step", self.conflict_start_step, 0)
 

@@ -251,10 +251,14 @@ def perturb_object(src_folder: str | os.PathLike, dst_folder: str | os.PathLike,
     return record
 
 
-def load_corruption_masks(folder: str | os.PathLike) -> np.ndarray:
-    """[V, H, W] bool: perturb/corruption/ of a folder written by perturb_object."""
+CORRUPTION_MASKS = f"{PERTURB_DIR}/{CORRUPTION_DIR}"  # relative to the object folder
+
+
+def load_corruption_masks(folder: str | os.PathLike, masks: str = CORRUPTION_MASKS) -> np.ndarray:
+    """[V, H, W] bool: the masks under `masks` (default perturb/corruption/) of a folder written
+    by perturb_object."""
     folder = Path(folder)
-    files = sorted((folder / PERTURB_DIR / CORRUPTION_DIR).glob("*.png"))
+    files = sorted((folder / masks).glob("*.png"))
     if not files:
-        raise Nova3DError(f"{folder / PERTURB_DIR / CORRUPTION_DIR}: no corruption masks")
+        raise Nova3DError(f"{folder / masks}: no corruption masks")
     return np.stack([np.asarray(Image.open(f)) > 0 for f in files])

@@ -142,15 +142,31 @@ def colorbar(height: int, width: int = 12) -> np.ndarray:
     return (colormap(ramp) * 255 + 0.5).astype(np.uint8)
 
 
+def off_mask_conflict(conflict: Tensor, truth: Tensor | np.ndarray) -> Tensor:
+    """conflict [V, h, w], truth [V, H, W] (bool, any size) -> [V, h, w] the conflict where the
+    truth says clean (issue 15 §2: where learned maps fire that the corruption does not). A map
+    pixel counts as corrupted when any truth pixel under it is (max-pooled), so a mask's edge is
+    not mistaken for a false positive."""
+    conflict = torch.as_tensor(conflict).detach().float().cpu()
+    t = torch.as_tensor(np.asarray(torch.as_tensor(truth).cpu()) > 0).float()[:, None]
+    t = torch.nn.functional.adaptive_max_pool2d(t, conflict.shape[-2:]) if t.shape[-1] >= conflict.shape[-1] else \
+        torch.nn.functional.interpolate(t, size=conflict.shape[-2:], mode="nearest")
+    return conflict * (1 - t[:, 0])
+
+
 def conflict_sheet(rgb: Tensor, conflict: Tensor, out_path: str | os.PathLike,
                    titles: Sequence[str] | None = None, truth: Tensor | np.ndarray | None = None,
-                   tile: int = 128) -> Path:
+                   tile: int = 128, off_mask: bool = False) -> Path:
     """One PNG: row 1 the views rgb [V, 3, H, W] in [0, 1]; row 2 their conflict maps
     conflict [V, h, w] in [0, 1] as viridis heatmaps (nearest-neighbour resized, with a colour
     bar on the right); row 3, when `truth` [V, h', w'] (e.g. perturb/corruption masks) is given,
-    the true corruption in white on black. `titles` default to "view k  mean c". Written atomically.
+    the true corruption in white on black; row 4 with `off_mask`, the conflict outside the true
+    corruption (off_mask_conflict: the learned map's false positives). `titles` default to
+    "view k  mean c". Written atomically.
     """
     V = rgb.shape[0]
+    if off_mask and truth is None:
+        raise Nova3DError(f"{out_path}: off_mask needs truth (the true corruption masks)")
     if conflict.shape[0] != V or (truth is not None and len(truth) != V):
         raise Nova3DError(f"{out_path}: {V} views but {conflict.shape[0]} conflict maps"
                           + ("" if truth is None else f" and {len(truth)} corruption masks"))
@@ -163,6 +179,10 @@ def conflict_sheet(rgb: Tensor, conflict: Tensor, out_path: str | os.PathLike,
     if truth is not None:
         t = (np.asarray(torch.as_tensor(truth).cpu()) > 0).astype(np.uint8) * 255
         rows.append(("true corruption", _tiles(np.repeat(t[..., None], 3, -1), tile, Image.NEAREST)))
+    if off_mask:
+        fp = off_mask_conflict(conflict, truth)
+        rows.append(("conflict outside the true corruption", _tiles((colormap(fp).numpy() * 255 + 0.5).astype(np.uint8),
+                                                                    tile, Image.NEAREST)))
     bar_w = 44  # the colour bar and its 0 / 1 labels
     row_h = tile + _LABEL
     sheet = Image.new("RGB", (V * tile + bar_w, len(rows) * row_h), "white")

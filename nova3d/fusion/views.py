@@ -37,6 +37,9 @@ class FusionViews:
     mask: Tensor  # [V, H, W] in {0, 1}
     cameras: Cameras  # as stored (poses may be wrong: fusion refines them)
     folder: Path
+    # [V, H, W] in [0, 1]: the true corruption of each pixel where it is known (nova3d.fusion.
+    # supervision attaches it for loss.conflict_supervision); None for ordinary folders.
+    corruption: Tensor | None = None
 
     @property
     def num_views(self) -> int:
@@ -50,8 +53,9 @@ class FusionViews:
         c = self.cameras
         cams = Cameras(c.c2w.to(device), c.K.to(device), c.width, c.height, c.azimuth_deg, c.elevation_deg,
                        c.radius, c.fov_deg, c.normal_frame, c.input_view, dict(c.extra))
+        corruption = None if self.corruption is None else self.corruption.to(device)
         return FusionViews(self.object_id, self.rgb.to(device), self.normal.to(device), self.mask.to(device),
-                           cams, self.folder)
+                           cams, self.folder, corruption)
 
     def downsample(self, resolution: int) -> "FusionViews":
         """The same views at a lower square resolution (area averaging; intrinsics rescaled)."""
@@ -68,7 +72,9 @@ class FusionViews:
                        c.normal_frame, c.input_view, dict(c.extra))
         normal = torch.nn.functional.normalize(pool(self.normal), dim=1)
         mask = (pool(self.mask[:, None])[:, 0] >= 0.5).float()
-        return FusionViews(self.object_id, pool(self.rgb), normal * mask[:, None], mask, cams, self.folder)
+        # the share of each low-resolution pixel that was corrupted: a soft target
+        corruption = None if self.corruption is None else pool(self.corruption[:, None])[:, 0]
+        return FusionViews(self.object_id, pool(self.rgb), normal * mask[:, None], mask, cams, self.folder, corruption)
 
 
 def load_views(folder: str | Path) -> FusionViews:
@@ -111,6 +117,7 @@ class RayBatch:
     rgb: Tensor  # [N, 3] on white
     normal: Tensor  # [N, 3] world frame (0 outside the mask)
     mask: Tensor  # [N] in {0, 1}
+    corruption: Tensor | None = None  # [N] in [0, 1] where the views carry it
 
 
 class RaySampler:
@@ -144,7 +151,9 @@ class RaySampler:
                   else torch.full((n, 2), 0.5, device=device))
         pix = torch.stack([col, row], dim=-1).float() + offset
         v = self.views
-        return RayBatch(view, pix, v.rgb[view, :, row, col], v.normal[view, :, row, col], v.mask[view, row, col])
+        corruption = None if v.corruption is None else v.corruption[view, row, col]
+        return RayBatch(view, pix, v.rgb[view, :, row, col], v.normal[view, :, row, col], v.mask[view, row, col],
+                        corruption)
 
 
 def pixel_centres(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:

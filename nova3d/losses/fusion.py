@@ -45,6 +45,16 @@ def conflict_regulariser(conflict: Tensor, trusted: Tensor) -> Tensor:
     return 0.5 * (conflict.square() * (~trusted)).sum() / max(conflict.numel(), 1)
 
 
+def conflict_supervision(conflict: Tensor, target: Tensor, keep: Tensor) -> Tensor:
+    """[N] rendered conflicts, [N] true corruption in [0, 1], [N] bool rays to score (object rays of
+    the non-input views) -> [] mean binary cross-entropy over them (0 with a graph when none).
+    Written out, clamped, like mask_loss: a NaN must reach the caller's finiteness check."""
+    if not keep.any():
+        return conflict.sum() * 0.0
+    c, y = conflict[keep].clamp(1e-4, 1 - 1e-4), target[keep]
+    return -(y * torch.log(c) + (1 - y) * torch.log1p(-c)).mean()
+
+
 def normal_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """[N, 3] rendered / target world normals, [N] mask -> [] mean (1 - cos) over object rays."""
     if not mask.any():

@@ -21,6 +21,7 @@ from nova3d.fusion.config import FusionExperimentConfig
 from nova3d.fusion.field import FusionField
 from nova3d.fusion.poses import PoseRefiner, pose_error, rays_for_pixels
 from nova3d.fusion.render import NeuSRenderer, RenderOutput
+from nova3d.fusion.supervision import attach_corruption
 from nova3d.fusion.views import FusionViews, RayBatch, RaySampler, pixel_centres
 from nova3d.losses import fusion as losses
 
@@ -55,6 +56,8 @@ class FusionSystem(L.LightningModule):
     def __init__(self, cfg: FusionExperimentConfig, views: FusionViews, true_c2w: Tensor | None = None):
         super().__init__()
         self.cfg = cfg
+        if self.supervises_conflict() and views.corruption is None:  # fails here, before any step
+            views = attach_corruption(views, cfg.loss.conflict_supervision_masks)
         self.views = views
         field_cfg = dataclasses.replace(cfg.field, num_views=views.num_views, reference_view=TRUSTED_VIEW)
         render_cfg = dataclasses.replace(cfg.render, trusted_view=TRUSTED_VIEW)
@@ -111,6 +114,10 @@ class FusionSystem(L.LightningModule):
         """Whether this run learns conflict maps at all (False for `fusion/no_conflict`)."""
         return self.cfg.loss.conflict_maps and self.cfg.loss.conflict > 0
 
+    def supervises_conflict(self) -> bool:
+        """Whether the true corruption supervises the conflict map (`fusion/supervised_conflict`)."""
+        return self.uses_conflict() and self.cfg.loss.conflict_supervision > 0
+
     def conflict_active(self, step: int) -> bool:
         return self.uses_conflict() and step >= self.cfg.loss.conflict_start_step
 
@@ -134,6 +141,9 @@ class FusionSystem(L.LightningModule):
             typical = on_object.median().detach() if on_object.numel() else err.new_tensor(0.0)
             self.conflict_lambda = torch.clamp_min(c.conflict * typical, c.conflict_min_error)
             terms["conflict"] = self.conflict_lambda * losses.conflict_regulariser(out.conflict, rays.view == TRUSTED_VIEW)
+        if self.supervises_conflict():  # from step 0: the oracle does not wait for the geometry
+            keep = (rays.mask > 0.5) & (rays.view != TRUSTED_VIEW)
+            terms["conflict_supervision"] = losses.conflict_supervision(out.conflict, rays.corruption, keep)
         if self.poses is not None and self.poses.enabled(step):
             terms["pose"] = losses.pose_regulariser(self.poses.delta)
         return terms
@@ -142,7 +152,7 @@ class FusionSystem(L.LightningModule):
         c = self.cfg.loss
         return {"color": c.color, "normal": c.normal, "mask": c.mask, "eikonal": c.eikonal, "sparsity": c.sparsity,
                 # the conflict term carries its lambda (an error level): it scales with the colour weight
-                "conflict": c.color, "pose": c.pose}
+                "conflict": c.color, "conflict_supervision": c.conflict_supervision, "pose": c.pose}
 
     def training_step(self, batch: int, batch_idx: int) -> Tensor:
         step = self.global_step
