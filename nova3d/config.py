@@ -56,8 +56,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    pretrained: Optional[str] = None  # diffusers folder or hub id of SVD(-xt); None: random `architecture`
-    architecture: str = "tiny"  # "tiny", "toy" or "svd_xt" (used when pretrained is None)
+    # The denoising UNet's family (nova3d.models.factory.BACKBONES): "svd" (the video prior,
+    # UNetSpatioTemporalConditionModel) or "sd_image" (an image prior, Stable Diffusion's
+    # UNet2DConditionModel with multi-view attention: nova3d.models.image_unet).
+    backbone: str = "svd"
+    pretrained: Optional[str] = None  # diffusers folder or hub id of the backbone; None: random `architecture`
+    # Used when pretrained is None. svd: "tiny", "toy" or "svd_xt"; sd_image: "tiny", "toy", "sd21" or
+    # "sd_image_variations" (the real shapes without weights).
+    architecture: str = "tiny"
     # Folder with image_encoder/ + vae/ (an SVD diffusers folder, or nova3d.train_vae's conditioner):
     # the frozen CLIP + VAE come from here. None: from `pretrained`, else the architecture's random ones.
     conditioner: Optional[str] = None
@@ -65,6 +71,9 @@ class ModelConfig:
     gta_temporal: bool = True  # attention along the orbit across both domains
     gta_keys: str = "other_domains"  # GTA branch keys: other_domains | all_domains (models/gta.py)
     domains: list[str] = field(default_factory=lambda: ["rgb", "normal"])
+    # sd_image only: how the views meet in the new multi-view attention, "dense" (every view's
+    # tokens, Wonder3D / MVDream) or "orbit" (per pixel along the orbit, SVD's temporal layout).
+    multiview: str = "dense"
     gradient_checkpointing: bool = False
     # Start a NEW run from the UNet of an exported pipeline folder (`nova3d export`), e.g.
     # pretrained/toy, so a long recipe can be trained in pieces; its GTA layout must match. A run

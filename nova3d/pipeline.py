@@ -36,6 +36,9 @@ orbit the view farthest from the input is the middle one and the last view is ne
 again, so linear would over-guide the view that the input constrains most. Measured on the toy
 recipe (docs/benchmarks.md) and selectable with `guidance_schedule="linear"`.
 
+The image prior (`model.backbone: sd_image`) plugs in as the `unet` component unchanged: a
+`GTAImageUNet` (nova3d.models.image_unet) is called like SVD's UNet and saves/loads the same way.
+
 The GTA weights survive save/load because the UNet component is a `GTAUNet`: the diffusers UNet
 class with GTA installed whose save/load use nova3d.models.unet's single-file format (full state
 dict + GTAConfig in the safetensors metadata). diffusers' own loader would rebuild plain
@@ -69,6 +72,8 @@ from nova3d.models.conditioning import Conditioner
 from nova3d.models.denoiser import ImageCondition, encode_image_condition, unet_forward
 from nova3d.models import edm
 from nova3d.models.gta import GTAConfig, install_gta, split_domains
+# Imported here also so that diffusers can resolve ["nova3d.models.image_unet", "GTAImageUNet"] in model_index.json.
+from nova3d.models.image_unet import GTAImageUNet
 from nova3d.models.temporal_conv import use_fast_temporal_convs
 from nova3d.models.unet import (WEIGHTS_NAME, checkpoint_temporal_blocks, load_gta_weights, read_gta_config,
                                 save_gta_weights)
@@ -193,7 +198,7 @@ class Nova3DPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        unet: UNetSpatioTemporalConditionModel,
+        unet: Union[UNetSpatioTemporalConditionModel, GTAImageUNet],  # the video or the image prior
         vae: Union[AutoencoderKLTemporalDecoder, AutoencoderKL],  # AutoencoderKL: the toy recipe's (models/autoencoder.py)
         image_encoder: CLIPVisionModelWithProjection,
         scheduler: EulerDiscreteScheduler,
@@ -210,7 +215,8 @@ class Nova3DPipeline(DiffusionPipeline):
         gta: Optional[dict] = None,  # from model_index.json when loading; must match the UNet's
     ):
         super().__init__()
-        unet = GTAUNet.from_unet(unet)
+        if not isinstance(unet, GTAImageUNet):  # the image prior saves and loads itself already
+            unet = GTAUNet.from_unet(unet)
         use_fast_temporal_convs(unet), use_fast_temporal_convs(vae)  # same weights and outputs, faster on CPU
         if gta is not None and GTAConfig.from_dict(gta) != unet.gta_config:
             raise ValueError(f"pipeline config says GTA {gta}, the UNet has {unet.gta_config}")

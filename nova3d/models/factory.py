@@ -1,5 +1,9 @@
 """Build the trainable GTA-UNet and the frozen Conditioner (CLIP + VAE) from a ModelConfig.
 
+`model.backbone` picks the UNet family from BACKBONES (a plain dict): "svd" (the video prior) or
+"sd_image" (an image prior with multi-view attention, nova3d.models.image_unet). Both are called
+the same way (nova3d.models.denoiser.unet_forward), so everything downstream is shared.
+
 `model.pretrained` set: both come from that SVD(-xt) diffusers folder (or hub id when online).
 `model.pretrained` null: random weights of `model.architecture`, chosen from ARCHITECTURES
 (a plain dict, DESIGN.md §3.3): "tiny" for CPU tests, "toy" for the toy recipe, "svd_xt" for the
@@ -13,13 +17,17 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from nova3d.config import ModelConfig
 from nova3d.errors import Nova3DError
 from nova3d.models.conditioning import Conditioner, build_tiny_conditioner, load_conditioning
 from nova3d.models.gta import GTA_KEYS, GTAConfig
+from nova3d.models.image_configs import (sd21_unet_config, sd_image_variations_unet_config, tiny_image_unet_config,
+                                         toy_image_unet_config)
+from nova3d.models.image_unet import GTAImageUNet, load_image_unet
+from nova3d.models.multiview import MV_LAYOUTS, MultiViewConfig
 from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config, toy_unet_config
 from nova3d.models.temporal_conv import use_fast_temporal_convs
 from nova3d.models.unet import build_gta_unet, load_gta_unet
@@ -48,6 +56,26 @@ def build_svd_xt_conditioner(seed: int = 0) -> Conditioner:
     return Conditioner(image_encoder, vae, CLIPImageProcessor())
 
 
+def sd_image_variations_clip_config() -> dict[str, Any]:
+    """`image_encoder/config.json` of lambdalabs/sd-image-variations-diffusers (CLIP ViT-L/14), written out."""
+    return dict(hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24,
+                num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def sd_vae_config() -> dict[str, Any]:
+    """`vae/config.json` of Stable Diffusion (AutoencoderKL, 8x downsampling), written out."""
+    return dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, in_channels=3, out_channels=3, latent_channels=4,
+                layers_per_block=2, sample_size=512, scaling_factor=0.18215)
+
+
+def build_sd_image_variations_conditioner(seed: int = 0) -> Conditioner:
+    """Random CLIP ViT-L + SD VAE with sd-image-variations' shapes."""
+    torch.manual_seed(seed)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**sd_image_variations_clip_config()))
+    return Conditioner(image_encoder, AutoencoderKL(**sd_vae_config()), CLIPImageProcessor())
+
+
 @dataclass(frozen=True)
 class Architecture:
     """A random-weights model family: the UNet config and a matching Conditioner builder."""
@@ -65,9 +93,56 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# The image prior's random architectures: the same sizes as ARCHITECTURES' (image_configs says how).
+IMAGE_ARCHITECTURES: dict[str, Architecture] = {
+    "tiny": Architecture(tiny_image_unet_config, build_tiny_conditioner),
+    "toy": Architecture(toy_image_unet_config, build_tiny_conditioner),
+    # SVD-xt's CLIP ViT-H (projection 1024 = SD 2.1's cross_attention_dim) and VAE (SD 2.1's latent space).
+    "sd21": Architecture(sd21_unet_config, build_svd_xt_conditioner),
+    "sd_image_variations": Architecture(sd_image_variations_unet_config, build_sd_image_variations_conditioner),
+}
+
+
+def multiview_config(cfg: ModelConfig) -> MultiViewConfig:
+    if cfg.multiview not in MV_LAYOUTS:
+        raise Nova3DError(f"model.multiview must be one of {list(MV_LAYOUTS)}, got {cfg.multiview!r}")
+    return MultiViewConfig(layout=cfg.multiview)
+
+
+def _build_svd(unet_config: dict[str, Any], gta: GTAConfig, cfg: ModelConfig) -> torch.nn.Module:
+    return build_gta_unet(unet_config, gta)
+
+
+def _load_svd(pretrained: str, gta: GTAConfig, cfg: ModelConfig) -> torch.nn.Module:
+    return load_gta_unet(pretrained, gta)
+
+
+def _build_image(unet_config: dict[str, Any], gta: GTAConfig, cfg: ModelConfig) -> torch.nn.Module:
+    return GTAImageUNet.build(unet_config, gta, multiview_config(cfg))
+
+
+def _load_image(pretrained: str, gta: GTAConfig, cfg: ModelConfig) -> torch.nn.Module:
+    return load_image_unet(pretrained, gta, multiview_config(cfg))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A UNet family: its random architectures and how to build / load it with GTA installed."""
+
+    architectures: dict[str, Architecture]
+    build: Callable[[dict[str, Any], GTAConfig, ModelConfig], torch.nn.Module]  # random weights from a config
+    load: Callable[[str, GTAConfig, ModelConfig], torch.nn.Module]  # a diffusers folder (subfolder unet/)
+
+
+BACKBONES: dict[str, Backbone] = {
+    "svd": Backbone(ARCHITECTURES, _build_svd, _load_svd),
+    "sd_image": Backbone(IMAGE_ARCHITECTURES, _build_image, _load_image),
+}
+
+
 @dataclass
 class DiffusionComponents:
-    unet: UNetSpatioTemporalConditionModel  # with GTA installed (unet.gta_config)
+    unet: UNetSpatioTemporalConditionModel | GTAImageUNet  # with GTA installed (unet.gta_config)
     conditioner: Conditioner  # frozen
 
 
@@ -89,29 +164,34 @@ def gta_config(cfg: ModelConfig) -> GTAConfig:
 def check_compatible(unet: torch.nn.Module, conditioner: Conditioner) -> None:
     """The UNet must take [noisy latent, condition latent] channels and the CLIP embedding size."""
     c = unet.config
-    if c.in_channels != 2 * conditioner.latent_channels or c.cross_attention_dim != conditioner.embed_dim:
+    in_channels = getattr(unet, "latent_in_channels", c.in_channels)  # the image UNet's conv_in is widened
+    if in_channels != 2 * conditioner.latent_channels or c.cross_attention_dim != conditioner.embed_dim:
         raise Nova3DError(
-            f"UNet (in_channels={c.in_channels}, cross_attention_dim={c.cross_attention_dim}) does not fit the "
+            f"UNet (in_channels={in_channels}, cross_attention_dim={c.cross_attention_dim}) does not fit the "
             f"conditioner (latent_channels={conditioner.latent_channels}, embed_dim={conditioner.embed_dim})")
 
 
 def build_components(cfg: ModelConfig, seed: int = 0) -> DiffusionComponents:
     """GTA-UNet + Conditioner as `cfg` asks. Random weights are drawn from `seed` (global RNG untouched)."""
     gta = gta_config(cfg)
+    backbone = BACKBONES.get(cfg.backbone)
+    if backbone is None:
+        raise Nova3DError(f"model.backbone must be one of {sorted(BACKBONES)}, got {cfg.backbone!r}")
     conditioner = load_conditioning(cfg.conditioner) if cfg.conditioner else None
     if cfg.pretrained:
         try:
-            unet = load_gta_unet(cfg.pretrained, gta)
+            unet = backbone.load(cfg.pretrained, gta, cfg)
         except (OSError, ValueError) as err:
-            raise Nova3DError(f"cannot load the SVD UNet from {cfg.pretrained}: {err}") from err
+            raise Nova3DError(f"cannot load the {cfg.backbone} UNet from {cfg.pretrained}: {err}") from err
         conditioner = conditioner or load_conditioning(cfg.pretrained)
     else:
-        arch = ARCHITECTURES.get(cfg.architecture)
+        arch = backbone.architectures.get(cfg.architecture)
         if arch is None:
-            raise Nova3DError(f"model.architecture must be one of {sorted(ARCHITECTURES)}, got {cfg.architecture!r}")
+            raise Nova3DError(f"model.architecture must be one of {sorted(backbone.architectures)} for backbone "
+                              f"{cfg.backbone!r}, got {cfg.architecture!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet = build_gta_unet(arch.unet_config(), gta)
+            unet = backbone.build(arch.unet_config(), gta, cfg)
             conditioner = conditioner or arch.build_conditioner(seed)
     check_compatible(unet, conditioner)
     use_fast_temporal_convs(unet), use_fast_temporal_convs(conditioner)

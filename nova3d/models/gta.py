@@ -131,6 +131,8 @@ class GTAAttnProcessor(nn.Module):
     The same class serves both levels: the sequence axis L is HW (spatial) or F (temporal).
     """
 
+    protected = True  # GTAGuardedAttention refuses to replace it (its weights would be dropped)
+
     def __init__(self, attn: Attention, num_domains: int, frame_embed_len: int = 0,
                  keys: str = "other_domains") -> None:
         super().__init__()
@@ -160,17 +162,20 @@ class GTAAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        frame_tokens: int = 1,
         **kwargs,
     ) -> torch.Tensor:  # [D*M, L, C]
         out = self.pretrained(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is not None or self.num_domains == 1:
             return out
-        return out + self.gta_branch(hidden_states)
+        return out + self.gta_branch(hidden_states, frame_tokens)
 
-    def gta_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def gta_branch(self, x: torch.Tensor, frame_tokens: int = 1) -> torch.Tensor:
         """Attention of every domain's rows to the paired rows of the other (or all) domains.
 
-        x: [D*M, L, C] -> [D*M, L, C_out].
+        x: [D*M, L, C] -> [D*M, L, C_out]. frame_tokens: consecutive tokens per frame along L (1 for
+        SVD's temporal layers; H*W for the image prior's dense multi-view layout, which flattens
+        every view's tokens into one sequence, nova3d.models.multiview), for the frame embedding.
         """
         if x.ndim != 3:
             raise ValueError(f"GTA expects [batch, tokens, channels], got {tuple(x.shape)}")
@@ -182,10 +187,14 @@ class GTAAttnProcessor(nn.Module):
         m = n // d
         x_qk = x
         if self.gta_frame_embed is not None:
-            if length > self.gta_frame_embed.shape[0]:
-                raise ValueError(f"{length} frames > max_frames={self.gta_frame_embed.shape[0]}")
+            frames = length // frame_tokens
+            if frames * frame_tokens != length:
+                raise ValueError(f"{length} tokens are not whole frames of {frame_tokens} tokens")
+            if frames > self.gta_frame_embed.shape[0]:
+                raise ValueError(f"{frames} frames > max_frames={self.gta_frame_embed.shape[0]}")
             # Same code for frame t in every domain (and every row): broadcast [L, C].
-            x_qk = x + self.gta_frame_embed[:length].to(x.dtype)
+            codes = self.gta_frame_embed[:frames]
+            x_qk = x + (codes if frame_tokens == 1 else codes.repeat_interleave(frame_tokens, 0)).to(x.dtype)
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # [B, S, H*Dh] -> [B, H, S, Dh]
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
@@ -253,7 +262,7 @@ class GTAGuardedAttention(Attention):
 
     def set_processor(self, processor) -> None:
         current = self.__dict__.get("_modules", {}).get("processor")
-        if isinstance(current, GTAAttnProcessor) and not isinstance(processor, GTAAttnProcessor):
+        if getattr(current, "protected", False) and type(processor) is not type(current):
             raise GTAProcessorReplaced(
                 f"refusing to replace a GTA attention processor by {type(processor).__name__}: its trained gta_* "
                 "weights would be dropped (set_attn_processor / set_default_attn_processor / xformers). GTA already uses scaled_dot_product_attention; to run without GTA build "

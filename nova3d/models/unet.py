@@ -33,6 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from nova3d.models.gta import GTAConfig, install_gta
 
 _META_KEY = "nova3d_gta_config"
+# An image-prior UNet's MultiViewConfig (nova3d.models.image_unet), stored as JSON beside the GTAConfig.
+MV_META_KEY = "nova3d_multiview_config"
 
 
 WEIGHTS_NAME = "gta_unet.safetensors"  # the one weights file of a GTA-UNet folder (pipeline unet/)
@@ -100,6 +102,9 @@ def save_gta_weights(unet: torch.nn.Module, path: str | os.PathLike) -> None:
     metadata = {"format": "pt"}
     if gta is not None:
         metadata[_META_KEY] = json.dumps(dataclasses.asdict(gta))
+    mv = getattr(unet, "mv_config", None)
+    if mv is not None:
+        metadata[MV_META_KEY] = json.dumps(dataclasses.asdict(mv))
     state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     save_file(state, os.fspath(path), metadata=metadata)
 
@@ -133,6 +138,12 @@ def load_gta_weights(
     stored, installed = read_gta_config(path), getattr(unet, "gta_config", None)
     if stored is not None and installed is not None and stored != installed:
         raise ValueError(f"weights were saved with {stored}, but this UNet has {installed}")
+    # Layouts with the same shapes (dense / orbit multi-view attention) would load silently otherwise.
+    with safe_open(os.fspath(path), framework="pt") as f:
+        raw_mv = (f.metadata() or {}).get(MV_META_KEY)
+    mv = getattr(unet, "mv_config", None)
+    if raw_mv is not None and mv is not None and json.loads(raw_mv) != dataclasses.asdict(mv):
+        raise ValueError(f"weights were saved with multi-view {raw_mv}, but this UNet has {mv}")
     device = next(unet.parameters()).device
     state = load_file(os.fspath(path), device=str(device))
     return unet.load_state_dict(state, strict=strict)
