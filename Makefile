@@ -14,24 +14,25 @@ export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
 TOY_DATA ?= data/toy
+REAL_DATA ?= data/real_meshes
 .PHONY: help setup lock test test-fast demo train fuse tensorboard clean setup-slurm slurm-train \
-	toy-data toy-vae toy-bench bad-inputs
+	toy-data toy-vae toy-bench bad-inputs bench-data bench-fusion-real
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv from nothing with the pinned stack (idempotent, fast when done)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements.overrides
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install --python $(BIN)/python -q -r requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python -q -r requirements.lock --override requirements.overrides
 	$(BIN)/uv pip install --python $(BIN)/python -q --no-deps -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
 lock: ## re-resolve requirements.lock from pyproject.toml's pins
 	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 -o requirements.lock -q
+		--python-platform x86_64-manylinux_2_28 --override requirements.overrides -o requirements.lock -q
 
 # As root (CI), `make test` also installs SLURM for the local-cluster tests (tests/test_slurm.py).
 IS_ROOT := $(filter 0,$(shell id -u))
@@ -56,6 +57,12 @@ toy-vae: setup ## train the toy recipe's VAE on $(TOY_DATA) -> runs/autoencoder/
 
 toy-bench: setup ## score pretrained/toy on the toy test split: generated views + fused meshes vs truth (bench/toy_generation.py)
 	$(BIN)/python bench/toy_generation.py --data $(TOY_DATA) $(ARGS)
+
+bench-data: setup ## the real-mesh set of the fusion bench: 10 pybullet_data objects rendered + GT -> $(REAL_DATA) (~3 min, resumable)
+	$(BIN)/python -m data_prep.real_meshes --out $(REAL_DATA) $(ARGS)
+
+bench-fusion-real: bench-data ## fusion quality on the real set, clean views (bench/fusion_quality.py --set real; ~50 min on 2 cores)
+	$(BIN)/python bench/fusion_quality.py --set real --data $(REAL_DATA) --scenarios clean $(ARGS)
 
 bad-inputs: setup ## run the catalogue of bad inputs against every command: exit, one-line error, nothing lost (bench/bad_inputs.py, ~15 min; ARGS=--quick)
 	$(BIN)/python bench/bad_inputs.py $(ARGS)

@@ -51,7 +51,7 @@ TRAIN_MEAN_OBJECTS = 200
 
 def split_objects(data: Path, count: int, split: str = "test") -> list[Path]:
     """The first `count` render folders of `split`; on the test split, only those with a GT mesh."""
-    from data_prep.gso import GT_MESH
+    from data_prep.gt_mesh import GT_MESH
 
     root = data / "renders" / split
     folders = sorted(p for p in root.iterdir() if split != "test" or (p / GT_MESH).is_file()) if root.is_dir() else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -51,6 +52,7 @@ class RenderSettings:
     fov: float = 49.1
     radius: float = 1.5
     random_azimuth: bool = False  # start azimuth drawn per object from (seed, object id)
+    start_azimuth: float = 0.0  # degrees, view 0's azimuth when not random (held-out cameras sit between views)
     seed: int = 0
     background: str = "transparent"  # or a colour in BACKGROUNDS: RGB composited on it
     depth: bool = False
@@ -125,6 +127,8 @@ def stale_reason(folder: Path, settings: RenderSettings) -> str | None:
                  ("--radius", rendered.get("radius"), settings.radius),
                  ("--seed", rendered.get("seed"), settings.seed),
                  ("--random-azimuth", rendered.get("random_azimuth"), settings.random_azimuth),
+                 ("--start-azimuth", None if rendered.get("random_azimuth") else rendered.get("start_azimuth_deg"),
+                  None if settings.random_azimuth else settings.start_azimuth),
                  ("--background", rendered.get("background"), settings.background)]
         elevation = rendered.get("elevation_deg")
     except (OSError, ValueError, AttributeError) as err:
@@ -175,9 +179,16 @@ def _unique_id(object_id: str, key: str, taken: set[str]) -> str:
     return object_id
 
 
+def heldout_settings(settings: RenderSettings) -> RenderSettings:
+    """8 cameras between an orbit's azimuths (half a step on), at +20° / -20° elevation alternately: where a
+    texture fitted to the orbit's views is scored on views it never saw (issue 18)."""
+    return dataclasses.replace(settings, views=8, elevation=(20.0, -20.0) * 4, start_azimuth=180.0 / settings.views,
+                               random_azimuth=False)
+
+
 def object_cameras(settings: RenderSettings, object_id: str) -> Cameras:
     """The orbit of one object; with random_azimuth its start depends on (seed, object id) only."""
-    start = 0.0
+    start = settings.start_azimuth
     if settings.random_azimuth:
         digest = hashlib.sha256(f"{settings.seed}:{object_id}".encode()).digest()
         start = random.Random(int.from_bytes(digest[:8], "big")).uniform(0.0, 360.0)
@@ -312,6 +323,7 @@ def build_parser(prog: str, description: str, epilog: str | None = None) -> argp
     p.add_argument("--fov", type=float, default=d.fov, help="degrees, across the image")
     p.add_argument("--radius", type=float, default=d.radius, help="camera distance from the origin")
     p.add_argument("--random-azimuth", action="store_true", help="random start azimuth per object (seeded)")
+    p.add_argument("--start-azimuth", type=float, default=d.start_azimuth, help="view 0's azimuth, degrees")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--background", default=d.background, choices=list(BACKGROUNDS))
     p.add_argument("--depth", action="store_true", help="also write depth/ (schema.DEPTH_SCALE)")
@@ -333,6 +345,7 @@ def parse_run(args: argparse.Namespace) -> tuple[list[ObjectSource], RenderSetti
     settings = RenderSettings(
         views=args.views, resolution=args.resolution, elevation=tuple(args.elevation), samples=args.samples,
         denoise=args.denoise, fov=args.fov, radius=args.radius, random_azimuth=args.random_azimuth,
-        seed=args.seed, background=args.background, depth=args.depth, device=args.device, limit=args.limit)
+        start_azimuth=args.start_azimuth, seed=args.seed, background=args.background, depth=args.depth,
+        device=args.device, limit=args.limit)
     settings.check()
     return sources, settings

@@ -47,7 +47,7 @@ def write_test_gt(folder: Path, name: str) -> str | None:
     fails data_prep.gso's check against the masks (e.g. a wide object leaving the frame), else None."""
     import tempfile
 
-    from data_prep.gso import GT_MESH, write_gt_mesh
+    from data_prep.gt_mesh import GT_MESH, write_gt_mesh
     from data_prep.procedural import export_object
     from data_prep.render_io import ObjectSource
 

@@ -43,8 +43,8 @@ def render_ground_truth(name: str, gt_root: str | Path, resolution: int = RENDER
                         samples: int = RENDER_SAMPLES, progress: bool = True, max_outside: float | None = None) -> Path:
     """Render procedural object `name` with Blender (16 views, depth on) into gt_root/<name>/ and
     write its GT mesh.glb in the renders' normalised frame; kept if already there. Returns the folder.
-    max_outside: data_prep.gso's check of the mesh against the masks (None: its default)."""
-    from data_prep.gso import GT_MESH, MAX_OUTSIDE, write_gt_mesh
+    max_outside: data_prep.gt_mesh's check of the mesh against the masks (None: its default)."""
+    from data_prep.gt_mesh import GT_MESH, MAX_OUTSIDE, write_gt_mesh
     from data_prep.render_io import ObjectSource, RenderSettings, collect_sources
     from data_prep.render_views import render_objects
     from data_prep.procedural import export_object

@@ -78,14 +78,20 @@ def _write(path: Path, data: bytes | str) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-def _gltf_bytes(mesh: trimesh.Trimesh, binary: bool, include_normals: bool | None) -> bytes:
-    """glTF bytes of a Y-up mesh, vertex colours as float linear COLOR_0 (module docstring)."""
+def _linear_colours(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A copy whose vertex colours sit as float linear RGBA under _LINEAR_ATTR (trimesh would write sRGB bytes)."""
     mesh = mesh.copy()
     if mesh.visual.kind in ("vertex", "face"):
         rgba = np.asarray(mesh.visual.vertex_colors, dtype=np.float64) / 255
         linear = np.concatenate([srgb_to_linear(rgba[:, :3]), rgba[:, 3:]], axis=1).astype(np.float32)
-        mesh.visual = trimesh.visual.ColorVisuals(mesh)  # no colours: trimesh would write sRGB bytes
+        mesh.visual = trimesh.visual.ColorVisuals(mesh)
         mesh.vertex_attributes[_LINEAR_ATTR] = linear
+    return mesh
+
+
+def _gltf_bytes(meshes: trimesh.Trimesh | list[trimesh.Trimesh], binary: bool, include_normals: bool | None) -> bytes:
+    """glTF bytes of Y-up meshes (one node each), vertex colours as float linear COLOR_0 (module docstring)."""
+    scene = trimesh.Scene([_linear_colours(m) for m in (meshes if isinstance(meshes, list) else [meshes])])
 
     def rename(tree: dict) -> None:
         for gmesh in tree.get("meshes", []):
@@ -94,12 +100,21 @@ def _gltf_bytes(mesh: trimesh.Trimesh, binary: bool, include_normals: bool | Non
                 if _LINEAR_ATTR in attrs:  # the float data under glTF's name: a JSON-only change
                     attrs["COLOR_0"] = attrs.pop(_LINEAR_ATTR)
 
-    scene = trimesh.Scene(mesh)
     if binary:
         return trimesh.exchange.gltf.export_glb(scene, include_normals=include_normals, tree_postprocessor=rename)
     files = trimesh.exchange.gltf.export_gltf(scene, include_normals=include_normals, tree_postprocessor=rename,
                                               embed_buffers=True)
     return files["model.gltf"]
+
+
+def save_parts(parts: list[trimesh.Trimesh], path: str | os.PathLike) -> Path:
+    """Write meshes in the world frame as one .glb, each its own node with its own colours or texture
+    (save_mesh would need them merged into one, which drops textures of all but one); atomic."""
+    path = Path(path)
+    if _suffix(path) != ".glb":
+        raise ValueError(f"{path}: save_parts writes .glb only")
+    _write(path, _gltf_bytes([m.copy().apply_transform(Z_UP_TO_Y_UP) for m in parts], True, None))
+    return path
 
 
 def save_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike, include_normals: bool | None = None) -> Path:

@@ -14,7 +14,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from data_prep import gso
+from data_prep import gso, gt_mesh
 from data_prep.procedural import make_object
 from nova3d import mesh_io
 from nova3d.cameras import Cameras
@@ -100,7 +100,7 @@ def test_gso_prep_renders_ground_truth_that_agrees_with_its_mesh(prepared) -> No
         cams = Cameras.load(folder / schema.CAMERAS_FILE)
         assert meta.has_depth and meta.num_views == 16 and cams.width == RES
         assert torch.allclose(cams.elevation_deg, torch.zeros(16)) and float(cams.azimuth_deg[0]) == 0.0
-        info = json.loads((folder / gso.MESH_INFO).read_text())
+        info = json.loads((folder / gt_mesh.MESH_INFO).read_text())
         assert info["vertices_in_mask_min"] > 0.98
         # Independent of the prep's own check: our rasteriser's silhouettes of mesh.glb at the
         # GT cameras against Blender's masks.
@@ -125,7 +125,7 @@ def test_gso_prep_resumes_and_rejects_a_mesh_that_disagrees(prepared, fake_gso: 
     source = gso.find_objects(fake_gso)[0][1]
     with pytest.raises(ValueError, match="unit box|disagrees"):
         gso.write_gt_mesh(source, copy)
-    info = json.loads((out / "mug" / gso.MESH_INFO).read_text())
+    info = json.loads((out / "mug" / gt_mesh.MESH_INFO).read_text())
     assert info["staging"]["obj_up"] == "z" and info["staging"]["turn"] == np.eye(3).tolist()
     assert not (out / gso.STAGING_DIR).exists()
 
