@@ -71,9 +71,10 @@ class ModelConfig:
     gta_temporal: bool = True  # attention along the orbit across both domains
     gta_keys: str = "other_domains"  # GTA branch keys: other_domains | all_domains (models/gta.py)
     domains: list[str] = field(default_factory=lambda: ["rgb", "normal"])
-    # sd_image only: how the views meet in the new multi-view attention, "dense" (every view's
-    # tokens, Wonder3D / MVDream) or "orbit" (per pixel along the orbit, SVD's temporal layout).
-    multiview: str = "dense"
+    # sd_image only (null for svd): how the views meet in the new multi-view attention, "dense"
+    # (every view's tokens, Wonder3D / MVDream; the default when null) or "orbit" (per pixel along
+    # the orbit, SVD's temporal layout).
+    multiview: Optional[str] = None
     gradient_checkpointing: bool = False
     # Start a NEW run from the UNet of an exported pipeline folder (`nova3d export`), e.g.
     # pretrained/toy, so a long recipe can be trained in pieces; its GTA layout must match. A run

@@ -126,9 +126,14 @@ def test_real_configs_load_every_pretrained_key_on_meta(config, blocks):
 def test_real_architectures_fit_their_conditioners():
     from nova3d.models.factory import sd_image_variations_clip_config, svd_xt_clip_config
 
-    clips = {"sd21": svd_xt_clip_config(), "sd_image_variations": sd_image_variations_clip_config()}
+    from nova3d.models.conditioning import tiny_clip_vision_config
+
+    clips = {"sd21": svd_xt_clip_config(), "sd_image_variations": sd_image_variations_clip_config(),
+             "tiny": tiny_clip_vision_config(), "toy": tiny_clip_vision_config()}  # the toy CLIP: the tiny one's width
+    assert clips.keys() == IMAGE_ARCHITECTURES.keys()
     for name, clip in clips.items():
-        assert IMAGE_ARCHITECTURES[name].unet_config()["cross_attention_dim"] == clip["projection_dim"], name
+        config = IMAGE_ARCHITECTURES[name].unet_config()
+        assert config["cross_attention_dim"] == clip["projection_dim"] and config["in_channels"] == 4, name
     assert set(BACKBONES) == {"svd", "sd_image"}
 
 
@@ -262,6 +267,9 @@ def test_factory_builds_and_loads_the_image_backbone(tmp_path):
         build_components(ModelConfig(backbone="sd_image", architecture="svd_xt"))
     with pytest.raises(Nova3DError, match="model.multiview"):
         build_components(ModelConfig(backbone="sd_image", multiview="sparse"))
+    with pytest.raises(Nova3DError, match="sd_image only"):
+        build_components(ModelConfig(multiview="orbit"))
+    assert build_components(ModelConfig(backbone="sd_image")).unet.mv_config.layout == "dense"  # null: dense
 
 
 def test_edm_training_loss_reaches_the_new_modules():
@@ -285,3 +293,20 @@ def test_install_refuses_twice():
     unet = _image_unet("full")
     with pytest.raises(RuntimeError, match="already installed"):
         install_image_gta(unet, GTAConfig(), MultiViewConfig())
+
+
+@pytest.mark.parametrize("ablation,parent,knobs", [
+    ("ablations/image_prior", "gta_full", {"backbone", "pretrained", "conditioner", "architecture", "multiview"}),
+    ("ablations/toy_image_prior", "toy", {"backbone"})])
+def test_image_prior_ablations_change_only_the_backbone(ablation, parent, knobs):
+    """Same data, trainer, loss, σ, CFG, learning rates and GTA as the video-prior run it is compared with."""
+    from nova3d.config import load_experiment
+
+    full, image = load_experiment(parent), load_experiment(ablation)
+    assert image.model.backbone == "sd_image" and full.model.backbone == "svd"
+    changed = {k for k in vars(full.model) if getattr(full.model, k) != getattr(image.model, k)}
+    assert changed == knobs
+    for knob in knobs:
+        setattr(image.model, knob, getattr(full.model, knob))
+    image.name = full.name
+    assert image == full

@@ -104,9 +104,10 @@ IMAGE_ARCHITECTURES: dict[str, Architecture] = {
 
 
 def multiview_config(cfg: ModelConfig) -> MultiViewConfig:
-    if cfg.multiview not in MV_LAYOUTS:
+    layout = cfg.multiview or MultiViewConfig.layout
+    if layout not in MV_LAYOUTS:
         raise Nova3DError(f"model.multiview must be one of {list(MV_LAYOUTS)}, got {cfg.multiview!r}")
-    return MultiViewConfig(layout=cfg.multiview)
+    return MultiViewConfig(layout=layout)
 
 
 def _build_svd(unet_config: dict[str, Any], gta: GTAConfig, cfg: ModelConfig) -> torch.nn.Module:
@@ -177,6 +178,8 @@ def build_components(cfg: ModelConfig, seed: int = 0) -> DiffusionComponents:
     backbone = BACKBONES.get(cfg.backbone)
     if backbone is None:
         raise Nova3DError(f"model.backbone must be one of {sorted(BACKBONES)}, got {cfg.backbone!r}")
+    if cfg.backbone == "svd" and cfg.multiview is not None:  # SVD's views meet in its own temporal layers
+        raise Nova3DError(f"model.multiview is for backbone sd_image only; backbone svd needs null, got {cfg.multiview!r}")
     conditioner = load_conditioning(cfg.conditioner) if cfg.conditioner else None
     if cfg.pretrained:
         try:
