@@ -89,7 +89,12 @@ def _eval(args: argparse.Namespace) -> int:
     if args.list_protocols:
         print(describe_protocols())
         return 0
+    consistency = _consistency_settings(args)  # a bad experiment or key fails here, before any work
+    if consistency is not None and args.pred is None and args.gt is None:
+        return _eval_consistency_only(args, consistency)
     missing = [f"--{name}" for name in ("pred", "gt", "out") if getattr(args, name) is None]
+    if consistency is not None and args.views is None:
+        missing.append("--views (the object folders --consistency scores, VIEWS/<id>/)")
     if missing:
         raise Nova3DError(f"{', '.join(missing)} required (or --list-protocols)")
     overrides = {k: v for k, v in (("icp", args.icp or None), ("normalization", args.normalization),
@@ -98,14 +103,57 @@ def _eval(args: argparse.Namespace) -> int:
     protocol = get_protocol(args.protocol, **overrides)
     check_writable(args.out)  # before any scoring
     had_result = (Path(args.out) / MARKER).is_file()
-    summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=resolve_device(args.device),
-                           views_dir=args.views, requested_as=args.protocol)
+    if consistency is None:
+        summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=resolve_device(args.device),
+                               views_dir=args.views, requested_as=args.protocol)
+    else:  # the files are written once the consistency column is in
+        from nova3d.atomic import check_replaceable
+        from nova3d.eval.consistency_eval import add_consistency, write_if_useful
+
+        check_replaceable(args.out)
+        summary = evaluate_set(args.pred, args.gt, protocol, None, progress=True, device=resolve_device(args.device),
+                               views_dir=args.views, requested_as=args.protocol)
+        write_if_useful(add_consistency(summary, args.views, consistency), args.out)
     print(summary.markdown(), end="")
     if not summary.evaluated:
         failed = ", ".join(f"{o.object_id} ({o.status})" for o in summary.not_evaluated)
         kept = (f"the earlier result in {args.out} is kept as it was" if had_result
                 else f"the reasons are in {args.out}/per_object.csv")
         print(f"nova3d eval: error: no object could be evaluated: {failed}; {kept}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}/per_object.csv, summary.json, summary.md")
+    return 0
+
+
+def _consistency_settings(args: argparse.Namespace):
+    """ConsistencySettings from the --consistency options (None without --consistency), checked by
+    loading its fusion config once."""
+    if not args.consistency:
+        return None
+    from nova3d.eval.consistency import CONSISTENCY_FUSION, ConsistencySettings, load_settings_config
+
+    settings = ConsistencySettings(experiment=args.consistency_experiment,
+                                   overrides=(*CONSISTENCY_FUSION, *(args.consistency_set or ())),
+                                   image_size=args.consistency_size)
+    load_settings_config(settings)
+    return settings
+
+
+def _eval_consistency_only(args: argparse.Namespace, settings) -> int:
+    from nova3d.atomic import MARKER
+    from nova3d.eval.consistency_eval import consistency_only
+
+    missing = [f"--{name}" for name in ("views", "out") if getattr(args, name) is None]
+    if missing:
+        raise Nova3DError(f"{', '.join(missing)} required with --consistency and no ground truth")
+    had_result = (Path(args.out) / MARKER).is_file()
+    summary = consistency_only(args.views, args.out, settings)
+    print(summary.markdown(), end="")
+    if not summary.evaluated:
+        failed = "; ".join(o.reason or o.object_id for o in summary.not_evaluated)
+        kept = (f"the earlier result in {args.out} is kept as it was" if had_result
+                else f"the reasons are in {args.out}/per_object.csv")
+        print(f"nova3d eval: error: no object folder could be scored: {failed}; {kept}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}/per_object.csv, summary.json, summary.md")
     return 0
@@ -249,7 +297,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="nova3d (default; alias gso), syncdreamer, eschernet, aligned: see --list-protocols")
     p.add_argument("--list-protocols", action="store_true", help="print the protocols and the peer code each follows")
     p.add_argument("--out", help="folder for per_object.csv, summary.json, summary.md")
-    p.add_argument("--views", help="generated views VIEWS/<id>/ (protocols scoring generated views, e.g. syncdreamer)")
+    p.add_argument("--views", help="generated views VIEWS/<id>/ (protocols scoring generated views, e.g. syncdreamer; "
+                   "--consistency), or one object folder (--consistency without ground truth)")
     p.add_argument("--pred-frame", choices=["nova3d", "syncdreamer"], default=None,
                    help="world frame the predicted meshes are stored in (syncdreamer: input camera on +X)")
     p.add_argument("--appearance", choices=["mesh_renders", "generated_views"], default=None,
@@ -259,6 +308,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="how meshes are put in one frame (default: the protocol's; keep for nova3d)")
     p.add_argument("--chamfer-depth", action="store_true", help="also the depth-render Chamfer as a second column")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--consistency", action="store_true",
+                   help="also score the views' multi-view consistency without ground truth (fuse the even views, "
+                        "render at the odd ones, and the reverse): VIEWS/<id>/ of --views; with --views and --out "
+                        "alone, only that score, for any object folder or folder of them")
+    p.add_argument("--consistency-experiment", default="fusion/no_conflict", metavar="NAME",
+                   help="fusion experiment the halves are fitted with (default fusion/no_conflict)")
+    p.add_argument("--consistency-set", nargs="+", metavar="KEY=VALUE",
+                   help="fusion overrides added to the consistency budget (nova3d.eval.consistency.CONSISTENCY_FUSION), "
+                        "e.g. optim.steps=300")
+    p.add_argument("--consistency-size", type=int, default=64, metavar="PX",
+                   help="score the held-out views at this size (default 64; at most the views' own)")
 
     p = add("report", "compare runs: markdown ablation table + TensorBoard hparams", _report)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training or fusion run directories")

@@ -7,7 +7,8 @@ For each run directory it collects
   - the final value (largest step, then latest wall time) of TensorBoard scalars under the run
     dir whose tags match `tags` (default: val/*, test/*, loss/total, pose/*), read with
     tensorboard's EventAccumulator from every folder holding event files (resumed runs too);
-  - `eval/summary.json` if `nova3d eval ... --out RUN/eval` was run: the means, as eval/<metric>.
+  - `eval/summary.json` if `nova3d eval ... --out RUN/eval` was run: the means, as eval/<metric>
+    (results.MD_METRICS; with `--consistency`, eval/consistency_psnr, the ground-truth-free score).
 The table has one row per run, one column per metric, the best value of each column in bold
 (when the metric's direction is known from its name) and a "Δ vs baseline" column for the
 primary metric (the first of PRIMARY that exists, or `primary`); a second table gives the change

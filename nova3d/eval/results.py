@@ -6,6 +6,9 @@
                    and why, unmatched predictions, LPIPS status, software versions, every object's
                    full record (alignment transforms, per-view PSNR/SSIM)
   summary.md       the same as a markdown table
+With `nova3d eval --consistency`, every object also gets the ground-truth-free consistency score of
+its views (nova3d.eval.consistency: consistency_psnr / _ssim / _normal_deg); with no --gt at all,
+only that score (`gt_dir` None, a consistency-only table).
 Per-view PSNR is capped by the protocol (psnr_max_db, 100 dB), so means stay finite; were an inf to
 reach a file anyway, JSON has no inf: it is written as the string "inf".
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from nova3d.atomic import staged_dir, write_json_atomic
 from nova3d.eval.appearance import AppearanceResult
+from nova3d.eval.consistency import ConsistencyResult
 from nova3d.eval.geometry import ChamferResult, VolumeIoUResult
 from nova3d.eval.normalize import AlignmentRecord
 
@@ -40,8 +44,13 @@ METRICS = (
     Metric("chamfer_depth", "CD (depth)", False), Metric("cd_accuracy", "CD pred→gt", False),
     Metric("cd_completeness", "CD gt→pred", False), Metric("precision", "precision", True),
     Metric("recall", "recall", True),
+    Metric("consistency_psnr", "consistency PSNR", True), Metric("consistency_ssim", "consistency SSIM", True),
+    Metric("consistency_normal_deg", "consistency normal °", False),
 )
-MD_METRICS = ("chamfer", "chamfer_depth", "fscore", "volume_iou", "psnr", "ssim", "lpips")
+CONSISTENCY_METRICS = ("consistency_psnr", "consistency_ssim", "consistency_normal_deg")
+# The columns of summary.md (and of `nova3d report`, from summary.json's means): consistency is one
+# column, its PSNR; its SSIM and normal error are in per_object.csv and summary.json.
+MD_METRICS = ("chamfer", "chamfer_depth", "fscore", "volume_iou", "psnr", "ssim", "lpips", "consistency_psnr")
 
 
 def json_float(x: float | None) -> float | str | None:
@@ -75,6 +84,8 @@ class ObjectResult:
     gt_resolution: int | None = None  # the GT views' size before resizing to the protocol's
     appearance_source: str | None = None  # "mesh_renders" | "generated_views"
     appearance_reason: str | None = None  # why appearance is missing for an evaluated object
+    consistency: ConsistencyResult | None = None  # `nova3d eval --consistency`
+    consistency_reason: str | None = None  # why it is missing where it was asked for
     seconds: float = 0.0
 
     def scalars(self) -> dict[str, float | None]:
@@ -83,7 +94,11 @@ class ObjectResult:
                 "volume_iou": self.iou and self.iou.iou, "psnr": a and a.psnr, "ssim": a and a.ssim,
                 "lpips": a and a.lpips, "chamfer_depth": d and d.chamfer, "cd_accuracy": c and c.accuracy,
                 "cd_completeness": c and c.completeness, "precision": c and c.precision,
-                "recall": c and c.recall}
+                "recall": c and c.recall, **self.consistency_scalars()}
+
+    def consistency_scalars(self) -> dict[str, float | None]:
+        scores = self.consistency.scalars() if self.consistency is not None else {}
+        return {name: scores.get(name) for name in CONSISTENCY_METRICS}
 
     def to_json(self) -> dict:
         part = lambda r: None if r is None else r.to_json()  # noqa: E731
@@ -93,7 +108,8 @@ class ObjectResult:
                 "volume_iou": part(self.iou), "appearance": part(self.appearance),
                 "alignment": part(self.alignment), "pred_colour": self.pred_colour,
                 "gt_resolution": self.gt_resolution, "appearance_source": self.appearance_source,
-                "appearance_reason": self.appearance_reason, "seconds": self.seconds}
+                "appearance_reason": self.appearance_reason, "consistency": part(self.consistency),
+                "consistency_reason": self.consistency_reason, "seconds": self.seconds}
 
 
 @dataclass
@@ -104,11 +120,12 @@ class EvalSummary:
     lpips_reason: str | None  # None: LPIPS computed
     versions: dict[str, str]
     environment: dict  # device, render backend, NN backend
-    pred_dir: str
-    gt_dir: str
+    pred_dir: str | None  # None, with gt_dir: a consistency-only evaluation (no ground truth)
+    gt_dir: str | None
     unmatched_predictions: list[str] = field(default_factory=list)  # files with no GT object
     seconds: float = 0.0
-    views_dir: str | None = None  # generated views (protocols scoring them)
+    views_dir: str | None = None  # generated views (protocols scoring them; consistency)
+    consistency: dict | None = None  # nova3d.eval.consistency settings when it was scored, else None
 
     def warnings(self) -> list[str]:
         """What a reader of the numbers must know: meshes partly outside a fixed IoU grid, objects
@@ -124,6 +141,10 @@ class EvalSummary:
         capped = sum(o.appearance.psnr_capped_views for o in self.evaluated if o.appearance)
         if capped:
             out.append(f"{capped} view(s) at the PSNR cap of {self.protocol.get('psnr_max_db')} dB (identical images)")
+        no_cons = [f"{o.object_id} ({o.consistency_reason})" for o in self.evaluated
+                   if self.consistency is not None and o.consistency is None]
+        if no_cons:
+            out.append("no consistency score for " + "; ".join(no_cons))
         return out
 
     @property
@@ -163,6 +184,7 @@ class EvalSummary:
                       "reason": self.lpips_reason, "net": self.protocol.get("lpips_net")},
             "versions": self.versions, "environment": self.environment,
             "pred_dir": self.pred_dir, "gt_dir": self.gt_dir, "views_dir": self.views_dir,
+            "consistency": self.consistency,
             "warnings": self.warnings(), "seconds": self.seconds,
             "objects": [o.to_json() for o in self.objects],
         }
@@ -172,7 +194,8 @@ class EvalSummary:
         writer = csv.writer(buf, lineterminator="\n")
         names = [m.name for m in METRICS]
         writer.writerow(["object_id", "status", *names, "normalization", "icp", "icp_rmse_after",
-                         "pred_colour", "seconds", "pred_path", "reason", "appearance_source", "appearance_reason"])
+                         "pred_colour", "seconds", "pred_path", "reason", "appearance_source", "appearance_reason",
+                         "consistency_reason"])
         for o in self.objects:
             s = o.scalars()
             icp = o.alignment.icp if o.alignment else None
@@ -180,13 +203,41 @@ class EvalSummary:
                              o.alignment.mode if o.alignment else "", bool(icp) if o.alignment else "",
                              "" if icp is None else repr(icp.rmse_after), o.pred_colour or "",
                              f"{o.seconds:.3f}", o.pred_path or "", o.reason or "",
-                             o.appearance_source or "", o.appearance_reason or ""])
+                             o.appearance_source or "", o.appearance_reason or "", o.consistency_reason or ""])
         return buf.getvalue()
 
+    def _consistency_line(self) -> str:
+        s = self.consistency or {}
+        size = f"{s['image_size']}²" if s.get("image_size") else "the views' own size"
+        return (f"Consistency (no ground truth; nova3d.eval.consistency): fuse the even views, render at the odd "
+                f"ones and compare, and the reverse; mean of the two. Fusion `{s.get('experiment')}` with "
+                f"{' '.join(s.get('overrides', []))}; scored at {size}. "
+                "SSIM and the normal error (°) are in per_object.csv and summary.json.")
+
+    def _consistency_markdown(self) -> str:
+        """The table of a consistency-only evaluation (no ground truth)."""
+        c = self.counts()
+        cols = [m for m in METRICS if m.name in CONSISTENCY_METRICS]
+        lines = [f"## Evaluation — multi-view consistency of `{self.views_dir}`", "",
+                 f"{c['objects']} object folders: {c[OK]} scored, {c[BROKEN]} broken.", "", self._consistency_line(),
+                 "", "| object | " + " | ".join(f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in cols)
+                 + " | status |", "|---|" + "---|" * len(cols) + "---|"]
+        for o in self.objects:
+            s = o.scalars()
+            status = o.status if o.status == OK else f"{o.status}: {o.reason}"
+            lines.append(f"| {o.object_id} | " + " | ".join(fmt(s[m.name]) for m in cols)
+                         + f" | {status.replace('|', '/')} |")
+        agg = self.aggregate("mean")
+        lines.append(f"| **mean** ({c[OK]}) | " + " | ".join(fmt(agg[m.name]) for m in cols) + " | |")
+        return "\n".join(lines) + "\n"
+
     def markdown(self) -> str:
+        if self.gt_dir is None:
+            return self._consistency_markdown()
         p, c = self.protocol, self.counts()
         cols = [m for m in METRICS if m.name in MD_METRICS
-                and (m.name != "chamfer_depth" or p.get("chamfer_depth"))]
+                and (m.name != "chamfer_depth" or p.get("chamfer_depth"))
+                and (m.name not in CONSISTENCY_METRICS or self.consistency is not None)]
         arrow = lambda m: "↑" if m.higher_is_better else "↓"  # noqa: E731
         changed = ", ".join(f"{k}={v}" for k, v in self.protocol_overrides.items())
         cd = {"surface": f"{p['chamfer_points']} surface points per mesh",
@@ -206,6 +257,7 @@ class EvalSummary:
             f"LPIPS ({p['lpips_net']}): " + ("computed." if self.lpips_reason is None
                                               else f"not computed — {self.lpips_reason}."),
             "",
+            *([self._consistency_line(), ""] if self.consistency is not None else []),
             "| object | " + " | ".join(f"{m.label} {arrow(m)}" for m in cols) + " | status |",
             "|---|" + "---|" * len(cols) + "---|",
         ]
