@@ -150,5 +150,12 @@ def test_conflict_sheet_off_mask_row(tmp_path):
     x, y = sheet_tile_origin(3, 1, tile)
     assert (np.abs(image[y + 5, x + 5] - lo) <= 1).all()  # on the mask: not a false positive
     assert (np.abs(image[y + 5, x + tile - 5] - hi) <= 1).all()  # off the mask: shown
+    faint = conflict * 0.02  # a learned map at a short budget: stretched so its false positives show
+    path = conflict_sheet(torch.rand(V, 3, 24, 24), faint, tmp_path / "f.png", truth=truth, tile=tile, off_mask=True)
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    x, y = sheet_tile_origin(1, 1, tile)
+    assert (np.abs(image[y + 5, x + tile - 5] - lo) <= 6).all()  # the conflict row keeps the 0..1 scale
+    x, y = sheet_tile_origin(3, 1, tile)
+    assert (np.abs(image[y + 5, x + tile - 5] - hi) <= 1).all() and (np.abs(image[y + 5, x + 5] - lo) <= 1).all()
     with pytest.raises(Nova3DError, match="off_mask needs truth"):
         conflict_sheet(torch.rand(V, 3, 24, 24), conflict, tmp_path / "t.png", off_mask=True)

@@ -161,7 +161,8 @@ def conflict_sheet(rgb: Tensor, conflict: Tensor, out_path: str | os.PathLike,
     conflict [V, h, w] in [0, 1] as viridis heatmaps (nearest-neighbour resized, with a colour
     bar on the right); row 3, when `truth` [V, h', w'] (e.g. perturb/corruption masks) is given,
     the true corruption in white on black; row 4 with `off_mask`, the conflict outside the true
-    corruption (off_mask_conflict: the learned map's false positives). `titles` default to
+    corruption (off_mask_conflict: the learned map's false positives), stretched by the gain in its
+    label. `titles` default to
     "view k  mean c". Written atomically.
     """
     V = rgb.shape[0]
@@ -180,9 +181,13 @@ def conflict_sheet(rgb: Tensor, conflict: Tensor, out_path: str | os.PathLike,
         t = (np.asarray(torch.as_tensor(truth).cpu()) > 0).astype(np.uint8) * 255
         rows.append(("true corruption", _tiles(np.repeat(t[..., None], 3, -1), tile, Image.NEAREST)))
     if off_mask:
+        # Stretched to the map's own top (99.5th percentile of its non-zero values): learned maps
+        # can be faint (c ~ 0.01 at short budgets), and their off-mask structure would not show.
         fp = off_mask_conflict(conflict, truth)
-        rows.append(("conflict outside the true corruption", _tiles((colormap(fp).numpy() * 255 + 0.5).astype(np.uint8),
-                                                                    tile, Image.NEAREST)))
+        fired = conflict[conflict > 0]
+        gain = 1.0 / max(float(fired.quantile(0.995)) if fired.numel() else 1.0, 1e-3)
+        rows.append((f"conflict outside the true corruption (x{gain:.3g})",
+                     _tiles((colormap(fp * gain).numpy() * 255 + 0.5).astype(np.uint8), tile, Image.NEAREST)))
     bar_w = 44  # the colour bar and its 0 / 1 labels
     row_h = tile + _LABEL
     sheet = Image.new("RGB", (V * tile + bar_w, len(rows) * row_h), "white")
