@@ -88,14 +88,14 @@ def in_order(scores: dict[str, dict]) -> dict[str, bool]:
 
 
 def markdown(rows: list[dict], settings: ConsistencySettings) -> str:
-    lines = ["| object | folder | PSNR ↑ | SSIM ↑ | normal error ↓ (°) | mask IoU ↑ | seconds |",
+    lines = ["| object | folder | PSNR ↑ | SSIM ↑ | normal error ↓ (°) | mask IoU ↑ | CPU-s |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         for v in VARIANTS:
             s = row["scores"][v]
             nd = "—" if s["consistency_normal_deg"] is None else f"{s['consistency_normal_deg']:.1f}"
             lines.append(f"| {row['object']} | {v} | {s['consistency_psnr']:.2f} | {s['consistency_ssim']:.3f} | "
-                         f"{nd} | {s['consistency_mask_iou']:.3f} | {s['seconds']:.0f} |")
+                         f"{nd} | {s['consistency_mask_iou']:.3f} | {s['cpu_seconds']:.0f} |")
     lines += ["", "In order (clean > perturbed > shuffled): " + "; ".join(
         f"{r['object']}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in r["in_order"].items()) for r in rows),
         "", f"Fusion: `{settings.experiment}` with {' '.join(settings.overrides)}; scored at {settings.image_size}²."]
@@ -112,10 +112,10 @@ def run(objects: list[str], out: Path, resolution: int = 64, samples: int = 8, r
         scores = {}
         for variant, folder in folders.items():
             result = object_consistency(folder, settings)
-            scores[variant] = {**result.scalars(), "seconds": result.seconds}
+            scores[variant] = {**result.scalars(), "seconds": result.seconds, "cpu_seconds": result.cpu_seconds}
             log(f"{name} {variant}: PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.3f}, normals "
                 f"{result.normal_deg if result.normal_deg is None else round(result.normal_deg, 1)}°, "
-                f"{result.seconds:.0f} s")
+                f"{result.seconds:.0f} s ({result.cpu_seconds:.0f} CPU-s)")
         rows.append({"object": name, "folders": {k: str(v) for k, v in folders.items()}, "scores": scores,
                      "in_order": in_order(scores)})
     with staged_entries(out, "ranking") as stage:

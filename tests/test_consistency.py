@@ -63,7 +63,8 @@ def test_split_is_even_odd_and_each_view_held_out_once(ellipsoid: Path) -> None:
         seen.append(half)
         return oracle_mesh()
 
-    result = C.object_consistency(ellipsoid, C.ConsistencySettings(image_size=None), fitter=fitter)
+    result = C.object_consistency(ellipsoid, C.ConsistencySettings(image_size=64), fitter=fitter)
+    assert result.image_size == 48  # never above the views' own size
     assert [(d.fitted, d.held_out) for d in result.directions] == [(even, odd), (odd, even)]
     assert sorted(sum((d.held_out for d in result.directions), [])) == list(range(16))
     for half, idx in zip(seen, (even, odd)):
@@ -128,8 +129,8 @@ def test_bad_folders_fail_with_one_line_naming_the_file(ellipsoid: Path, tmp_pat
     assert len(err.splitlines()) == 1 and "stepz" in err
     assert cli.main(["eval", "--consistency", "--out", str(tmp_path / "o4")]) == 2
     assert "--views" in capsys.readouterr().err
-    with pytest.raises(Nova3DError, match="exceeds the views' 48"):
-        C.object_consistency(ellipsoid, C.ConsistencySettings(image_size=64), fitter=lambda half: oracle_mesh())
+    with pytest.raises(Nova3DError, match="at least 8"):
+        C.object_consistency(ellipsoid, C.ConsistencySettings(image_size=4), fitter=lambda half: oracle_mesh())
 
 
 def test_eval_and_report_get_a_consistency_column(ellipsoid: Path, tmp_path: Path, capsys) -> None:
