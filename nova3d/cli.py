@@ -133,7 +133,8 @@ def _consistency_settings(args: argparse.Namespace):
     from nova3d.eval.consistency import CONSISTENCY_FUSION, ConsistencySettings, load_settings_config
 
     settings = ConsistencySettings(experiment=args.consistency_experiment,
-                                   overrides=(*CONSISTENCY_FUSION, *(args.consistency_set or ())),
+                                   overrides=(*CONSISTENCY_FUSION, f"device={args.device}",
+                                              *(args.consistency_set or ())),
                                    image_size=args.consistency_size)
     load_settings_config(settings)
     return settings
