@@ -19,7 +19,7 @@ per pixel against grazing view angle 1-|n.v| and the clean view's colour gradien
 The renders' light is a uniform white world (data_prep.render_views): there is no n.l shading to
 test, so grazing angle stands in for view-dependent appearance.
 A finished arm (metrics.json with the same steps) is reused; delete its folder to refit it.
-The last output line is one JSON object (also written to OUT/summary.json).
+The last output line is one JSON object (also written to OUT/summary_<objects>.json).
 """
 from __future__ import annotations
 
@@ -204,7 +204,8 @@ def main() -> None:
     result = {"benchmark": "conflict_study", "quick": args.quick, "objects": args.objects, "overrides": overrides,
               "threads": args.threads, "wall_seconds": time.perf_counter() - t0, "mean": summary(rows),
               "per_object": rows}
-    (root / "summary.json").write_text(json.dumps(result, indent=1))
+    (root / f"summary_{'_'.join(args.objects)}.json").write_text(json.dumps(result, indent=1))  # per object set:
+    # objects can run side by side (one thread each) into the same --out
     print(json.dumps(result))
 
 
