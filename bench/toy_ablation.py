@@ -2,6 +2,7 @@
 training seeds each, same data, same recipe, same steps; scored on the test split.
 
     python bench/toy_ablation.py [--steps 2500] [--seeds 0 1] [--objects 8] [--root ~/.cache/nova3d/ablation]
+                                 [--arms toy toy_no_gta | toy toy_image_prior]
                                  [--max-time DD:HH:MM:SS] [--jobs 2] [--fusion-budget toy|quick|none]
 
 Each arm trains from scratch with experiments/toy.yaml's recipe (the no-GTA arm only switches GTA off)
@@ -26,7 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_pilots import PY, ROOT, train_and_export  # noqa: E402
 
-ARMS = {"toy": "toy", "toy_no_gta": "ablations/toy_no_gta"}
+ARMS = {"toy": "toy", "toy_no_gta": "ablations/toy_no_gta",
+        "toy_image_prior": "ablations/toy_image_prior"}  # issue 15 §1: the image-UNet twin (--arms)
 SCORED = ("rgb_normal_mask_iou", "normal_error_deg_generated", "psnr_generated", "psnr_view0", "chamfer_fused",
           "iou_fused")
 
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["toy", "toy_no_gta"],
+                   help="which arms (default: the GTA ablation; toy toy_image_prior: image vs video UNet)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--objects", type=int, default=8, help="test objects scored")
     p.add_argument("--root", type=Path, default=Path.home() / ".cache" / "nova3d" / "ablation")
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampling-steps", type=int, default=25)
     args = p.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
-    runs = {f"{arm}_s{seed}": (arm, seed) for arm in ARMS for seed in args.seeds}
+    runs = {f"{arm}_s{seed}": (arm, seed) for arm in args.arms for seed in args.seeds}
     extra = [f"trainer.max_steps={args.steps}", *([f"trainer.max_time={args.max_time}"] if args.max_time else [])]
 
     def train(name: str):
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     per_run = {n: {**{k: summary["runs"][n].get(k) for k in SCORED}, "seed": runs[n][1], "experiment": ARMS[runs[n][0]]}
                for n in runs}
     per_arm = {}
-    for arm in ARMS:
+    for arm in args.arms:
         rows = [per_run[n] for n in runs if runs[n][0] == arm]
         per_arm[arm] = {k: {"mean": float(np.mean(v)), "spread": float(np.ptp(v))}
                         for k in SCORED if (v := [r[k] for r in rows if r[k] is not None])}
