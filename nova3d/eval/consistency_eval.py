@@ -69,11 +69,16 @@ def consistency_only(views_dir: str | Path, out_dir: str | Path | None = None,
                                     seconds=time.perf_counter() - t0))
     summary = EvalSummary(protocol={"name": "consistency"}, protocol_overrides={}, objects=objects,
                           lpips_reason=NO_GT_REASON, versions=versions(),
-                          environment={"device": "auto", "torch_threads": torch.get_num_threads()},
+                          environment={"device": _device(settings), "torch_threads": torch.get_num_threads()},
                           pred_dir=None, gt_dir=None, views_dir=str(views_dir), seconds=time.perf_counter() - start,
                           consistency=settings_json(settings))
     write_if_useful(summary, out_dir)
     return summary
+
+
+def _device(settings: ConsistencySettings) -> str:
+    """The device the fits asked for (the last device= override; fusion's default is auto)."""
+    return next((o.split("=", 1)[1] for o in reversed(settings.overrides) if o.startswith("device=")), "auto")
 
 
 def write_if_useful(summary: EvalSummary, out_dir: str | Path | None) -> None:
