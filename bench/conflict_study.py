@@ -121,15 +121,15 @@ def off_mask_stats(conflict: torch.Tensor, bad: Path, cues: dict) -> dict:
                                   for v in range(len(fp))]}
 
 
-def run_object(name: str, root: Path, overrides: list[str], pose: bool = True) -> dict:
+def run_object(name: str, root: Path, overrides: list[str], pose: bool = True, arms: tuple = tuple(ARMS)) -> dict:
     clean = render_object(name, root / "renders")
     gt = gt_mesh(clean)
     bad = perturbed(clean, root / name / "conflict_views", COLOR)
     masks, objects = load_corruption_masks(bad), load_views(bad).mask.numpy()
     row: dict = {"object": name}
     cues = None
-    for arm, experiment in ARMS.items():
-        out = root / name / arm
+    for arm in arms:
+        experiment, out = ARMS[arm], root / name / arm
         m = fused(bad, out, experiment, overrides)
         row[arm] = {**mesh_scores(out, clean, gt), "seconds": m["seconds_total"]}
         conflict = conflict_maps(out)
@@ -144,13 +144,13 @@ def run_object(name: str, root: Path, overrides: list[str], pose: bool = True) -
     return row
 
 
-def run_pose(clean: Path, gt, root: Path, overrides: list[str], cues: dict) -> dict:
+def run_pose(clean: Path, gt, root: Path, overrides: list[str], cues: dict | None) -> dict:
     """The implicit map on the same corruption with moved cameras: does it fire where poses are wrong?"""
     bad = perturbed(clean, root / "conflict_pose_views", POSE)
     out = root / "implicit_pose"
     m = fused(bad, out, ARMS["implicit"], overrides)
     conflict = conflict_maps(out)
-    stats = off_mask_stats(conflict, bad, cues)
+    stats = off_mask_stats(conflict, bad, cues or pixel_cues(clean, conflict.shape[-1]))
     refined = Cameras.load(out / "cameras_refined.json").c2w
     true = Cameras.load(bad / TRUE_CAMERAS).c2w
     rot_left, _ = pose_error(refined, true)
@@ -170,7 +170,7 @@ def run_pose(clean: Path, gt, root: Path, overrides: list[str], cues: dict) -> d
 def summary(rows: list[dict]) -> dict:
     """Means over objects of each arm's figures and of the pose run's."""
     s: dict = {}
-    for arm in ARMS:
+    for arm in [a for a in ARMS if a in rows[0]]:
         keys = [k for k, v in rows[0][arm].items() if isinstance(v, float)]
         s[arm] = {k: float(np.nanmean([r[arm][k] for r in rows])) for k in keys}
     posed = [r["pose"] for r in rows if "pose" in r]
@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--objects", nargs="+", default=["torus_knot", "block_tower"])
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "conflict_study"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                        help="which of the three fusions to run")
     parser.add_argument("--pose-objects", nargs="*", default=None,
                         help="objects that also get the moved-camera run (default: all)")
     parser.add_argument("overrides", nargs="*", help="fusion key=value overrides for every run")
@@ -200,11 +202,11 @@ def main() -> None:
     root = Path(args.out)
     t0 = time.perf_counter()
     posed = args.objects if args.pose_objects is None else args.pose_objects
-    rows = [run_object(name, root, overrides, name in posed) for name in args.objects]
+    rows = [run_object(name, root, overrides, name in posed, tuple(args.arms)) for name in args.objects]
     result = {"benchmark": "conflict_study", "quick": args.quick, "objects": args.objects, "overrides": overrides,
               "threads": args.threads, "wall_seconds": time.perf_counter() - t0, "mean": summary(rows),
               "per_object": rows}
-    (root / f"summary_{'_'.join(args.objects)}.json").write_text(json.dumps(result, indent=1))  # per object set:
+    (root / f"summary_{'_'.join(args.objects + args.arms)}.json").write_text(json.dumps(result, indent=1))  # per object set:
     # objects can run side by side (one thread each) into the same --out
     print(json.dumps(result))
 
