@@ -206,20 +206,21 @@ class EvalSummary:
                              o.appearance_source or "", o.appearance_reason or "", o.consistency_reason or ""])
         return buf.getvalue()
 
-    def _consistency_line(self) -> str:
+    def _consistency_line(self, one_column: bool = True) -> str:
         s = self.consistency or {}
         size = f"{s['image_size']}²" if s.get("image_size") else "the views' own size"
         return (f"Consistency (no ground truth; nova3d.eval.consistency): fuse the even views, render at the odd "
                 f"ones and compare, and the reverse; mean of the two. Fusion `{s.get('experiment')}` with "
-                f"{' '.join(s.get('overrides', []))}; scored at {size}. "
-                "SSIM and the normal error (°) are in per_object.csv and summary.json.")
+                f"{' '.join(s.get('overrides', []))}; scored at {size}."
+                + (" Its SSIM and normal error (°) are in per_object.csv and summary.json." if one_column else ""))
 
     def _consistency_markdown(self) -> str:
         """The table of a consistency-only evaluation (no ground truth)."""
         c = self.counts()
         cols = [m for m in METRICS if m.name in CONSISTENCY_METRICS]
         lines = [f"## Evaluation — multi-view consistency of `{self.views_dir}`", "",
-                 f"{c['objects']} object folders: {c[OK]} scored, {c[BROKEN]} broken.", "", self._consistency_line(),
+                 f"Object folders: {c['objects']}; {c[OK]} scored, {c[BROKEN]} broken.", "",
+                 self._consistency_line(one_column=False),
                  "", "| object | " + " | ".join(f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in cols)
                  + " | status |", "|---|" + "---|" * len(cols) + "---|"]
         for o in self.objects:
