@@ -96,8 +96,9 @@ def markdown(rows: list[dict], settings: ConsistencySettings) -> str:
             nd = "—" if s["consistency_normal_deg"] is None else f"{s['consistency_normal_deg']:.1f}"
             lines.append(f"| {row['object']} | {v} | {s['consistency_psnr']:.2f} | {s['consistency_ssim']:.3f} | "
                          f"{nd} | {s['consistency_mask_iou']:.3f} | {s['cpu_seconds']:.0f} |")
-    lines += ["", "In order (clean > perturbed > shuffled): " + "; ".join(
-        f"{r['object']}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in r["in_order"].items()) for r in rows),
+    verdicts = [f"{r['object']}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in r["in_order"].items())
+                for r in rows]
+    lines += ["", "In order (clean > perturbed > shuffled): " + "; ".join(verdicts),
         "", f"Fusion: `{settings.experiment}` with {' '.join(settings.overrides)}; scored at {settings.image_size}²."]
     return "\n".join(lines) + "\n"
 

@@ -103,15 +103,16 @@ def _eval(args: argparse.Namespace) -> int:
     protocol = get_protocol(args.protocol, **overrides)
     check_writable(args.out)  # before any scoring
     had_result = (Path(args.out) / MARKER).is_file()
+    device = resolve_device(args.device)
     if consistency is None:
-        summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=resolve_device(args.device),
+        summary = evaluate_set(args.pred, args.gt, protocol, args.out, progress=True, device=device,
                                views_dir=args.views, requested_as=args.protocol)
     else:  # the files are written once the consistency column is in
         from nova3d.atomic import check_replaceable
         from nova3d.eval.consistency_eval import add_consistency, write_if_useful
 
         check_replaceable(args.out)
-        summary = evaluate_set(args.pred, args.gt, protocol, None, progress=True, device=resolve_device(args.device),
+        summary = evaluate_set(args.pred, args.gt, protocol, None, progress=True, device=device,
                                views_dir=args.views, requested_as=args.protocol)
         write_if_useful(add_consistency(summary, args.views, consistency), args.out)
     print(summary.markdown(), end="")
@@ -316,8 +317,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consistency-experiment", default="fusion/no_conflict", metavar="NAME",
                    help="fusion experiment the halves are fitted with (default fusion/no_conflict)")
     p.add_argument("--consistency-set", nargs="+", metavar="KEY=VALUE",
-                   help="fusion overrides added to the consistency budget (nova3d.eval.consistency.CONSISTENCY_FUSION), "
-                        "e.g. optim.steps=300")
+                   help="fusion overrides added to the consistency budget "
+                        "(nova3d.eval.consistency.CONSISTENCY_FUSION), e.g. optim.steps=300")
     p.add_argument("--consistency-size", type=int, default=64, metavar="PX",
                    help="score the held-out views at this size (default 64; at most the views' own)")
 

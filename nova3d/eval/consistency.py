@@ -131,7 +131,8 @@ class ConsistencyResult:
 
     def to_json(self) -> dict:
         return {"object_id": self.object_id, "folder": self.folder, **self.scalars(), "settings": self.settings,
-                "image_size": self.image_size, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "directions": [d.to_json() for d in self.directions]}
+                "image_size": self.image_size, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                "directions": [d.to_json() for d in self.directions]}
 
 
 # ---------------------------------------------------------------- the split
