@@ -1,7 +1,7 @@
 """Does the ground-truth-free consistency score (nova3d.eval.consistency) rank views as it should?
 
-    python bench/consistency_ranking.py --out DIR [--objects mug torus_knot ...] [--resolution 64]
-                                        [--rotation DEG] [key=value ...]
+    python bench/consistency_ranking.py --out DIR [key=value ...] [--objects mug torus_knot ...]
+                                        [--resolution 64] [--rotation DEG]
 
 Per procedural object: Blender renders (data_prep, 16 views), the same folder through `nova3d
 perturb` (colour corruption of views 3, 6, 10, 13; optional pose error), and a shuffled-view folder
@@ -106,7 +106,10 @@ def markdown(rows: list[dict], settings: ConsistencySettings) -> str:
 def run(objects: list[str], out: Path, resolution: int = 64, samples: int = 8, rotation: float = 0.0,
         settings: ConsistencySettings = ConsistencySettings(), log=print) -> list[dict]:
     """Score every object's three folders; writes out/ranking.json and ranking.md; returns the rows."""
+    from data_prep.render_io import collect_sources
+
     check_writable(out)
+    collect_sources([], list(objects))  # an unknown name fails now (one line), not after the first objects
     rows = []
     for name in objects:
         folders = prepare(name, out, resolution, samples, rotation)
