@@ -138,19 +138,22 @@ def export_outputs(system: FusionSystem, out_dir: Path, full_views: FusionViews 
     full_cams = dataclasses.replace(full.cameras, c2w=cams.c2w)  # refined poses, the full views' intrinsics
 
     t0 = time.perf_counter()
-    mesh = extract_mesh(system.sdf_fn, system.renderer.bound, e.resolution, e.chunk)
+    bars = cfg.logging.progress  # the export's own bars follow the fit's: a bench asks for a quiet console
+    mesh = extract_mesh(system.sdf_fn, system.renderer.bound, e.resolution, e.chunk, progress=bars)
     mesh = clean_mesh(mesh, e.min_component_fraction)
     if e.cut_unseen_underside:
         mesh, height = cut_unseen_underside(mesh, system.sdf_fn, system.renderer.bound, full_cams, full.mask, e,
-                                            system.device)
+                                            system.device, progress=bars)
         if height is not None:  # else nothing hung below what the views see
             stats["underside_cut_height"] = height
     color_fn = system.color_fn
     if e.color_source == "views":
         projector = ViewProjector(mesh, full.rgb, full_cams, conflict, e.view_colors)
         color_fn = projected_color_fn(projector, system.color_fn)
-    color_vertices(mesh, color_fn, e.chunk, device=system.device)
-    textured = bake_texture(mesh, color_fn, e.texture_size, device=system.device) if e.uv_texture else mesh
+    color_vertices(mesh, color_fn, e.chunk, device=system.device, progress=bars)
+    textured = mesh
+    if e.uv_texture:
+        textured = bake_texture(mesh, color_fn, e.texture_size, device=system.device, progress=bars)
     meshes = export_mesh(textured, out_dir, "mesh", list(e.formats))
     stats["seconds_mesh_export"] = time.perf_counter() - t0
     stats.update(vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
@@ -158,7 +161,7 @@ def export_outputs(system: FusionSystem, out_dir: Path, full_views: FusionViews 
     # How well the exported mesh explains the views it was fitted to (at the refined poses).
     rendered = render_mesh(mesh, cams, image_size=views.resolution, background=1.0)
     stats["psnr_mesh_vs_views"] = float(psnr_per_view(rendered.rgb.clamp(0, 1), views.rgb.cpu()).mean())
-    turntable(mesh, out_dir / "turntable.gif", frames=cfg.logging.turntable_frames)
+    turntable(mesh, out_dir / "turntable.gif", frames=cfg.logging.turntable_frames, progress=bars)
     return meshes, conflict, stats
 
 

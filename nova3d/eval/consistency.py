@@ -179,7 +179,8 @@ def fit_mesh(views, cfg) -> MeshData:
                       e.min_component_fraction)
     cams = dataclasses.replace(views.cameras, c2w=refined_cameras(system).c2w)
     if e.cut_unseen_underside:
-        mesh, _ = cut_unseen_underside(mesh, system.sdf_fn, system.renderer.bound, cams, views.mask, e, system.device)
+        mesh, _ = cut_unseen_underside(mesh, system.sdf_fn, system.renderer.bound, cams, views.mask, e, system.device,
+                                       progress=False)
     color_fn = system.color_fn
     if e.color_source == "views":
         color_fn = projected_color_fn(ViewProjector(mesh, views.rgb, cams, None, e.view_colors), system.color_fn)

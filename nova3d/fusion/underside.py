@@ -50,12 +50,12 @@ def cut_below(sdf_fn: SdfFn, height: float) -> SdfFn:
 
 
 def cut_unseen_underside(mesh: trimesh.Trimesh, sdf_fn: SdfFn, bound: float, cameras: Cameras, masks: Tensor,
-                         cfg: MeshExportConfig, device: torch.device | str | None = None
+                         cfg: MeshExportConfig, device: torch.device | str | None = None, progress: bool = True
                          ) -> tuple[trimesh.Trimesh, float | None]:
     """(mesh, cut height), or (mesh, None) unchanged where nothing hangs a grid cell below the lowest seen point."""
     height = lowest_seen_height(mesh, cameras, masks)
     cell = 2 * bound / (cfg.resolution - 1)
     if height is None or float(mesh.vertices[:, 2].min()) > height - cell:
         return mesh, None
-    cut = extract_mesh(cut_below(sdf_fn, height), bound, cfg.resolution, cfg.chunk, device=device)
+    cut = extract_mesh(cut_below(sdf_fn, height), bound, cfg.resolution, cfg.chunk, device=device, progress=progress)
     return clean_mesh(cut, cfg.min_component_fraction), height
