@@ -27,7 +27,7 @@ from nova3d.config import is_fusion_experiment, load_experiment, to_yaml
 from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.fusion.config import FusionExperimentConfig, describe_budget, fit_budget
-from nova3d.fusion.underside import cut_unseen_underside
+from nova3d.fusion.underside import cut_unseen
 from nova3d.fusion.view_colors import COLOR_SOURCES, ViewProjector, projected_color_fn
 from nova3d.fusion.views import FusionViews, load_views
 from nova3d.devices import resolve_device
@@ -141,11 +141,11 @@ def export_outputs(system: FusionSystem, out_dir: Path, full_views: FusionViews 
     bars = cfg.logging.progress  # the export's own bars follow the fit's: a bench asks for a quiet console
     mesh = extract_mesh(system.sdf_fn, system.renderer.bound, e.resolution, e.chunk, progress=bars)
     mesh = clean_mesh(mesh, e.min_component_fraction)
-    if e.cut_unseen_underside:
-        mesh, height = cut_unseen_underside(mesh, system.sdf_fn, system.renderer.bound, full_cams, full.mask, e,
-                                            system.device, progress=bars)
-        if height is not None:  # else nothing hung below what the views see
-            stats["underside_cut_height"] = height
+    mesh, low, high = cut_unseen(mesh, system.sdf_fn, system.renderer.bound, full_cams, full.mask, e, system.device,
+                                 progress=bars)
+    for key, height in (("underside_cut_height", low), ("top_cut_height", high)):
+        if height is not None:  # else nothing reached past what the views see on that side
+            stats[key] = height
     color_fn = system.color_fn
     if e.color_source == "views":
         projector = ViewProjector(mesh, full.rgb, full_cams, conflict, e.view_colors)

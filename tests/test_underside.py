@@ -7,7 +7,7 @@ import torch
 from nova3d.cameras import OrbitSpec, orbit_cameras
 from nova3d.eval.mesh_render import render_mesh
 from nova3d.fusion.mesh import MeshExportConfig, clean_mesh, extract_mesh
-from nova3d.fusion.underside import cut_below, cut_unseen_underside, lowest_seen_height
+from nova3d.fusion.underside import cut_below, cut_unseen, cut_unseen_underside, lowest_seen_height
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -75,3 +75,21 @@ def test_nothing_is_cut_when_views_from_below_see_the_underside(hull_mesh):
     cams = cameras(-40.0)
     mesh, height = cut_unseen_underside(hull_mesh, box_with_cone, BOUND, cams, masks(hull_mesh, cams), cfg)
     assert height is None and mesh is hull_mesh
+
+
+def cone_on_top(points: torch.Tensor) -> torch.Tensor:
+    """The same polytope upside down: a dome over a flat top that elevation-0 cameras look up at."""
+    return box_with_cone(points * torch.tensor([1.0, 1.0, -1.0]))
+
+
+def test_top_cut_takes_the_unseen_dome_and_only_when_asked():
+    mesh = clean_mesh(extract_mesh(cone_on_top, BOUND, RES, progress=False))
+    cams = cameras(0.0)
+    cell = 2 * BOUND / (RES - 1)
+    kept, low, high = cut_unseen(mesh, cone_on_top, BOUND, cams, masks(mesh, cams), MeshExportConfig(resolution=RES))
+    assert kept is mesh and low is None and high is None  # default: the top is left alone
+    cfg = MeshExportConfig(resolution=RES, cut_unseen_top=True)
+    cut, low, high = cut_unseen(mesh, cone_on_top, BOUND, cams, masks(mesh, cams), cfg)
+    assert mesh.vertices[:, 2].max() > -APEX - 0.02 and high is not None and low is None
+    assert -BOTTOM - cell < cut.vertices[:, 2].max() < -BOTTOM + 2 * cell  # the flat top is back
+    assert np.isclose(cut.vertices[:, 2].min(), mesh.vertices[:, 2].min(), atol=1e-6) and cut.is_watertight

@@ -167,7 +167,7 @@ def fit_mesh(views, cfg) -> MeshData:
     (cleaned, underside cut, colours projected from the views at their refined poses)."""
     from nova3d.fuse import fit, refined_cameras
     from nova3d.fusion.mesh import clean_mesh, color_vertices, extract_mesh
-    from nova3d.fusion.underside import cut_unseen_underside
+    from nova3d.fusion.underside import cut_unseen
     from nova3d.fusion.view_colors import ViewProjector, projected_color_fn
 
     fit_res = cfg.optim.fit_resolution
@@ -178,9 +178,8 @@ def fit_mesh(views, cfg) -> MeshData:
     mesh = clean_mesh(extract_mesh(system.sdf_fn, system.renderer.bound, e.resolution, e.chunk, progress=False),
                       e.min_component_fraction)
     cams = dataclasses.replace(views.cameras, c2w=refined_cameras(system).c2w)
-    if e.cut_unseen_underside:
-        mesh, _ = cut_unseen_underside(mesh, system.sdf_fn, system.renderer.bound, cams, views.mask, e, system.device,
-                                       progress=False)
+    mesh, _, _ = cut_unseen(mesh, system.sdf_fn, system.renderer.bound, cams, views.mask, e, system.device,
+                            progress=False)
     color_fn = system.color_fn
     if e.color_source == "views":
         color_fn = projected_color_fn(ViewProjector(mesh, views.rgb, cams, None, e.view_colors), system.color_fn)

@@ -39,6 +39,7 @@ class MeshExportConfig:
     chunk: int = 65536  # points per sdf_fn / color_fn call
     min_component_fraction: float = 0.05  # drop components with fewer faces than this x the largest
     cut_unseen_underside: bool = True  # nothing below the lowest point a view sees (nova3d.fusion.underside)
+    cut_unseen_top: bool = False  # nor above the highest one (a table's top seen from below; not yet measured)
     # Texture colours: "views" projects the input views (weighted by their conflict maps) onto the
     # mesh, with the colour field where no view sees it (nova3d.fusion.view_colors); "field" is
     # the colour field alone (NOVA3D's / Wonder3D's export, blurrier: docs/benchmarks.md).
