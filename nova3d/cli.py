@@ -115,14 +115,19 @@ def _eval(args: argparse.Namespace) -> int:
         summary = evaluate_set(args.pred, args.gt, protocol, None, progress=True, device=device,
                                views_dir=args.views, requested_as=args.protocol)
         write_if_useful(add_consistency(summary, args.views, consistency), args.out)
+    failed = ", ".join(f"{o.object_id} ({o.status})" for o in summary.not_evaluated)
+    return _eval_outcome(summary, args.out, had_result, f"no object could be evaluated: {failed}")
+
+
+def _eval_outcome(summary, out: str, had_result: bool, why_none: str) -> int:
+    """Print an eval summary; exit status 1 (and why, and what became of OUT) when nothing was scored."""
     print(summary.markdown(), end="")
     if not summary.evaluated:
-        failed = ", ".join(f"{o.object_id} ({o.status})" for o in summary.not_evaluated)
-        kept = (f"the earlier result in {args.out} is kept as it was" if had_result
-                else f"the reasons are in {args.out}/per_object.csv")
-        print(f"nova3d eval: error: no object could be evaluated: {failed}; {kept}", file=sys.stderr)
+        kept = (f"the earlier result in {out} is kept as it was" if had_result
+                else f"the reasons are in {out}/per_object.csv")
+        print(f"nova3d eval: error: {why_none}; {kept}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}/per_object.csv, summary.json, summary.md")
+    print(f"wrote {out}/per_object.csv, summary.json, summary.md")
     return 0
 
 
@@ -150,15 +155,8 @@ def _eval_consistency_only(args: argparse.Namespace, settings) -> int:
         raise Nova3DError(f"{', '.join(missing)} required with --consistency and no ground truth")
     had_result = (Path(args.out) / MARKER).is_file()
     summary = consistency_only(args.views, args.out, settings)
-    print(summary.markdown(), end="")
-    if not summary.evaluated:
-        failed = "; ".join(o.reason or o.object_id for o in summary.not_evaluated)
-        kept = (f"the earlier result in {args.out} is kept as it was" if had_result
-                else f"the reasons are in {args.out}/per_object.csv")
-        print(f"nova3d eval: error: no object folder could be scored: {failed}; {kept}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}/per_object.csv, summary.json, summary.md")
-    return 0
+    failed = "; ".join(o.reason or o.object_id for o in summary.not_evaluated)
+    return _eval_outcome(summary, args.out, had_result, f"no object folder could be scored: {failed}")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -75,8 +74,7 @@ from nova3d.models.gta import GTAConfig, install_gta, split_domains
 # Imported here also so that diffusers can resolve ["nova3d.models.image_unet", "GTAImageUNet"] in model_index.json.
 from nova3d.models.image_unet import GTAImageUNet
 from nova3d.models.temporal_conv import use_fast_temporal_convs
-from nova3d.models.unet import (WEIGHTS_NAME, checkpoint_temporal_blocks, load_gta_weights, read_gta_config,
-                                save_gta_weights)
+from nova3d.models.unet import GTAWeightsFolder, checkpoint_temporal_blocks, read_gta_config
 
 ImageInput = Union[PIL.Image.Image, Sequence[PIL.Image.Image], Tensor]
 SQRT3 = math.sqrt(3.0)
@@ -84,7 +82,7 @@ MASK_THRESHOLD = 0.5  # coverage at or above this is "object" in binary masks
 RGB_MASK_RANGE = 0.1  # RGB-only fallback: full coverage at this max-channel distance from white
 
 
-class GTAUNet(UNetSpatioTemporalConditionModel):
+class GTAUNet(GTAWeightsFolder, UNetSpatioTemporalConditionModel):
     """SVD's UNet with GTA installed. Same forward; only saving and loading differ.
 
     A folder holds `config.json` (the diffusers UNet config) and WEIGHTS_NAME, written by
@@ -92,7 +90,6 @@ class GTAUNet(UNetSpatioTemporalConditionModel):
     the stored GTAConfig, then loads every weight strictly. Local folders only.
     """
 
-    WEIGHTS_NAME = WEIGHTS_NAME
 
     @classmethod
     def build(cls, unet_config: Mapping[str, Any], gta: GTAConfig) -> "GTAUNet":
@@ -125,34 +122,11 @@ class GTAUNet(UNetSpatioTemporalConditionModel):
             p.requires_grad_(source[name].requires_grad)
         return new.train(unet.training)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **ignored) -> None:
-        """config.json + WEIGHTS_NAME (full state dict, GTAConfig in the metadata)."""
-        if not is_main_process:
-            return
-        os.makedirs(save_directory, exist_ok=True)
-        self.save_config(save_directory)
-        save_gta_weights(self, Path(save_directory) / self.WEIGHTS_NAME)
-
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        torch_dtype: torch.dtype | None = None, **ignored) -> "GTAUNet":
-        """Load a `save_pretrained` folder. Loader options diffusers passes (device_map, variant, ...) are ignored."""
-        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
-        weights = folder / cls.WEIGHTS_NAME
-        if not weights.is_file():
-            raise OSError(f"{folder} has no {cls.WEIGHTS_NAME} (write it with GTAUNet.save_pretrained)")
-        gta = read_gta_config(weights)
-        if gta is None:
-            raise ValueError(f"{weights} stores no GTAConfig in its metadata")
-        with torch.device("meta"):
-            unet = cls.from_config(cls.load_config(folder))
-            checkpoint_temporal_blocks(unet)
-            install_gta(unet, gta)
-        unet.to_empty(device="cpu")  # uninitialised storage, every entry overwritten by the strict load
-        load_gta_weights(unet, weights, strict=True)
-        if torch_dtype is not None:
-            unet.to(torch_dtype)
-        return unet.eval()
+    def _build_on_meta(cls, config: Mapping[str, Any], weights: Path) -> "GTAUNet":
+        unet = cls.from_config(config)
+        checkpoint_temporal_blocks(unet)
+        return install_gta(unet, read_gta_config(weights))
 
 
 @dataclass

@@ -31,6 +31,7 @@ from nova3d.models.unet import (
     read_gta_config,
     save_gta_weights,
 )
+from tests.helpers_models import seeded
 
 VARIANTS = {
     "full": GTAConfig(),
@@ -43,18 +44,12 @@ LEVELS = {"full": {"spatial", "temporal"}, "spatial_only": {"spatial"}, "tempora
 FRAMES, SIZE = 4, 8
 
 
-def _seeded(fn, seed: int = 0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return fn()
-
-
 def _vanilla(seed: int = 0) -> UNetSpatioTemporalConditionModel:
-    return _seeded(lambda: UNetSpatioTemporalConditionModel.from_config(tiny_unet_config()), seed)
+    return seeded(lambda: UNetSpatioTemporalConditionModel.from_config(tiny_unet_config()), seed)
 
 
 def _gta(gta: GTAConfig, seed: int = 0) -> UNetSpatioTemporalConditionModel:
-    return _seeded(lambda: build_gta_unet(tiny_unet_config(), gta), seed)
+    return seeded(lambda: build_gta_unet(tiny_unet_config(), gta), seed)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +194,7 @@ def test_single_domain_is_vanilla(vanilla):
 def test_processor_pairs_same_row_and_is_domain_symmetric():
     """Unit level: row m of domain d attends jointly with row m of the other domain only, and
     the shared frame embedding makes the branch equivariant to swapping domains."""
-    attn = _seeded(lambda: Attention(query_dim=16, heads=2, dim_head=8))
+    attn = seeded(lambda: Attention(query_dim=16, heads=2, dim_head=8))
     proc = GTAAttnProcessor(attn, num_domains=2, frame_embed_len=8)
     _randomize_new(proc)
     g = torch.Generator().manual_seed(0)
@@ -243,7 +238,7 @@ def _reference_branch(proc: GTAAttnProcessor, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("keys", ["other_domains", "all_domains"])
 @pytest.mark.parametrize("domains", [2, 3])
 def test_branch_matches_its_definition(keys, domains):
-    attn = _seeded(lambda: Attention(query_dim=16, heads=2, dim_head=8))
+    attn = seeded(lambda: Attention(query_dim=16, heads=2, dim_head=8))
     proc = GTAAttnProcessor(attn, num_domains=domains, frame_embed_len=6, keys=keys)
     _randomize_new(proc)
     x = torch.randn(domains * 2, 5, 16, generator=torch.Generator().manual_seed(4))

@@ -21,6 +21,7 @@ from nova3d.models.image_configs import sd21_unet_config, sd_image_variations_un
 from nova3d.models.image_unet import GTAImageUNet, install_image_gta, sigma_to_sd_timestep
 from nova3d.models.multiview import MultiViewConfig, multiview_processors
 from nova3d.models.unet import load_gta_weights, save_gta_weights
+from tests.helpers_models import seeded
 
 VARIANTS = {
     "full": (GTAConfig(), MultiViewConfig()),
@@ -34,27 +35,16 @@ VARIANTS = {
 VIEWS, SIZE = 3, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _seeded(fn, seed: int = 0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return fn()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
 
 def _vanilla() -> UNet2DConditionModel:
-    return _seeded(lambda: UNet2DConditionModel.from_config(tiny_image_unet_config()))
+    return seeded(lambda: UNet2DConditionModel.from_config(tiny_image_unet_config()))
 
 
 def _image_unet(variant: str = "full") -> GTAImageUNet:
     gta, mv = VARIANTS[variant]
-    return _seeded(lambda: GTAImageUNet.build(tiny_image_unet_config(), gta, mv))
+    return seeded(lambda: GTAImageUNet.build(tiny_image_unet_config(), gta, mv))
 
 
 def _inputs(rows: int, seed: int = 0) -> dict[str, torch.Tensor]:

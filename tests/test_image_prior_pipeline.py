@@ -25,12 +25,7 @@ from nova3d.systems.mv_diffusion import MultiViewDiffusion
 FRAMES, RES, STEPS = 4, 32, 2  # tiny VAE: 16² latents
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
 
 def test_tracker_counts_live_storages_once_and_frees_them():

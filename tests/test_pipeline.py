@@ -32,13 +32,7 @@ from nova3d.preprocess import prepare_image, training_fill
 FRAMES, RES, STEPS = 4, 32, 2  # tiny VAE: 16² latents
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: on a shared 2-core machine, torch's thread pool costs more than it saves."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
 
 def _scheduler() -> EulerDiscreteScheduler:

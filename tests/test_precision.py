@@ -19,12 +19,7 @@ from nova3d.systems.mv_diffusion import MultiViewDiffusion
 B, V, RES = 2, 4, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run faster on one thread
 
 
 def _batch(seed: int = 0) -> MultiViewBatch:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from nova3d.models.gta import GTAConfig
 from nova3d.models.multiview import MultiViewConfig, ViewCheckpoint, install_multiview
-from nova3d.models.unet import MV_META_KEY, WEIGHTS_NAME, load_gta_weights, read_gta_config, save_gta_weights
+from nova3d.models.unet import MV_META_KEY, GTAWeightsFolder, read_gta_config
 
 # Stable Diffusion's training schedule (scheduler_config.json of SD 1.x / 2.x): 1000 steps, scaled_linear.
 SD_TRAIN_STEPS, SD_BETA_START, SD_BETA_END = 1000, 0.00085, 0.012
@@ -88,10 +88,9 @@ def widen_conv_in(unet: UNet2DConditionModel, extra_channels: int) -> None:
     conv.gta_cond_in = side
 
 
-class GTAImageUNet(UNet2DConditionModel):
+class GTAImageUNet(GTAWeightsFolder, UNet2DConditionModel):
     """An image UNet with multi-view attention and GTA, called like the GTA-SVD UNet (module docstring)."""
 
-    WEIGHTS_NAME = WEIGHTS_NAME
 
     @property
     def latent_in_channels(self) -> int:
@@ -125,32 +124,12 @@ class GTAImageUNet(UNet2DConditionModel):
         """Random weights from a diffusers UNet2DConditionModel config dict."""
         return install_image_gta(cls.from_config(dict(unet_config)), gta, mv)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **ignored) -> None:
-        """config.json + WEIGHTS_NAME (full state dict; GTAConfig and MultiViewConfig in the metadata)."""
-        if not is_main_process:
-            return
-        os.makedirs(save_directory, exist_ok=True)
-        self.save_config(save_directory)
-        save_gta_weights(self, Path(save_directory) / self.WEIGHTS_NAME)
-
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        torch_dtype: torch.dtype | None = None, **ignored) -> "GTAImageUNet":
-        """Load a `save_pretrained` folder (a pretrained SD folder loads with load_image_unet)."""
-        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
-        weights = folder / cls.WEIGHTS_NAME
-        if not weights.is_file():
-            raise OSError(f"{folder} has no {cls.WEIGHTS_NAME} (write it with GTAImageUNet.save_pretrained)")
+    def _build_on_meta(cls, config: Mapping[str, Any], weights: Path) -> "GTAImageUNet":
         gta, mv = read_gta_config(weights), read_multiview_config(weights)
-        if gta is None or mv is None:
-            raise ValueError(f"{weights} stores no GTAConfig / MultiViewConfig in its metadata")
-        with torch.device("meta"):
-            unet = install_image_gta(cls.from_config(cls.load_config(folder)), gta, mv)
-        unet.to_empty(device="cpu")  # every entry is overwritten by the strict load
-        load_gta_weights(unet, weights, strict=True)
-        if torch_dtype is not None:
-            unet.to(torch_dtype)
-        return unet.eval()
+        if mv is None:
+            raise ValueError(f"{weights} stores no MultiViewConfig in its metadata")
+        return install_image_gta(cls.from_config(config), gta, mv)
 
 
 def install_image_gta(unet: UNet2DConditionModel, gta: GTAConfig, mv: MultiViewConfig) -> GTAImageUNet:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -107,6 +108,40 @@ def save_gta_weights(unet: torch.nn.Module, path: str | os.PathLike) -> None:
         metadata[MV_META_KEY] = json.dumps(dataclasses.asdict(mv))
     state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     save_file(state, os.fspath(path), metadata=metadata)
+
+
+class GTAWeightsFolder:
+    """save_pretrained / from_pretrained of a GTA-UNet folder (config.json + WEIGHTS_NAME, every config
+    the architecture needs in the weights' metadata), shared by the video and the image UNet. A class
+    using it defines `_build_on_meta(config, weights)`: the architecture, with its additions installed."""
+
+    WEIGHTS_NAME = WEIGHTS_NAME
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **ignored) -> None:
+        """config.json + WEIGHTS_NAME (full state dict, the installed configs in the metadata)."""
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        self.save_config(save_directory)
+        save_gta_weights(self, Path(save_directory) / self.WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **ignored):
+        """Load a `save_pretrained` folder. Loader options diffusers passes (device_map, variant, ...) are ignored."""
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        weights = folder / cls.WEIGHTS_NAME
+        if not weights.is_file():
+            raise OSError(f"{folder} has no {cls.WEIGHTS_NAME} (write it with {cls.__name__}.save_pretrained)")
+        if read_gta_config(weights) is None:
+            raise ValueError(f"{weights} stores no GTAConfig in its metadata")
+        with torch.device("meta"):  # no allocation: every entry is overwritten by the strict load
+            unet = cls._build_on_meta(cls.load_config(folder), weights)
+        unet.to_empty(device="cpu")
+        load_gta_weights(unet, weights, strict=True)
+        if torch_dtype is not None:
+            unet.to(torch_dtype)
+        return unet.eval()
 
 
 def cast_weights_file(path: str | os.PathLike, dtype: torch.dtype) -> None:
