@@ -18,7 +18,7 @@
 # The last line printed is the whole JSON object (each part: status ok|failed|timeout|skipped, seconds, figures);
 # the exit status is 0 when every part is ok or skipped (the dry run on a working CPU checkout: 0).
 # The dry run uses the same code paths at toy sizes: test_precision.py only, the torch rasteriser
-# against pytorch3d, gta_step's tiny CPU config, the tiny architecture, 20 fusion steps, CPU Cycles.
+# against pytorch3d, gta_step's GPU path on CPU with the tiny UNet, the tiny architecture, 20 fusion steps, CPU Cycles.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -137,7 +137,7 @@ EOF
 part render_eval "$([ "$DRY" = 1 ] && echo 120 || echo 85)" env PYTHONPATH="$REPO" "$PY" "$WORK/render_eval.py" "$DRY"
 
 if [ "$DRY" = 1 ]; then
-  part gta_step 240 "$PY" bench/gta_step.py --quick --configs tiny
+  part gta_step 240 "$PY" bench/gta_step.py --gpu --quick --device cpu --config tiny  # the GPU path on CPU
 else
   part gta_step 95 "$PY" bench/gta_step.py --gpu --quick
 fi

@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU machines are small and shared)")
     parser.add_argument("--breakdown", action="store_true", help="CPU: also profile attention core vs the rest")
     parser.add_argument("--configs", default="tiny,mid", help="CPU configs, comma-separated (tiny, mid)")
+    parser.add_argument("--device", default="cuda", help="with --gpu: where the GPU path runs (cpu with --config tiny: "
+                        "its dry run, bench/gpu_check.sh --cpu-dry-run)")
+    parser.add_argument("--config", default="svd_xt", choices=list(CONFIGS), help="with --gpu: the UNet config")
     parser.add_argument("--memory-worker", nargs=2, metavar=("CONFIG", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -295,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     warmup, reps = (1, 3) if args.quick else (2, 7)
     if args.gpu:
-        if not torch.cuda.is_available():
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
             print("no CUDA: --gpu needs a CUDA device; nothing measured", file=sys.stderr)
             print(json.dumps({"mode": "gpu", "status": "skipped", "reason": "no CUDA"}))
             return 0
-        figures = {"mode": "gpu", "status": "ok", "warmup": warmup, "reps": reps,
-                   **full_bench("cuda", "svd_xt", warmup, reps)}
+        figures = {"mode": "gpu", "device": args.device, "status": "ok", "warmup": warmup, "reps": reps,
+                   **full_bench(args.device, args.config, warmup, reps)}
     else:
         torch.set_num_threads(args.threads)
         figures = {"mode": "cpu", "status": "ok", "threads": args.threads, "warmup": warmup, "reps": reps,

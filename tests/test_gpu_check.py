@@ -47,3 +47,5 @@ def test_cpu_dry_run_runs_every_part_and_ends_with_one_json_line(tmp_path):
     assert figures["render_eval"]["mask_iou"] > 0.99
     assert figures["train_steps"]["loss_finite"] is True and len(figures["train_steps"]["losses"]) == 3
     assert figures["gta_step"]["status"] == "ok"
+    # the GPU path (bf16 autocast, checkpointing) ran on CPU with the tiny UNet: both models timed
+    assert figures["gta_step"]["config"] == "tiny" and figures["gta_step"]["time_ratio"] > 0
