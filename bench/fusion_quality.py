@@ -60,6 +60,7 @@ from nova3d.eval.conflict import conflict_auroc  # noqa: E402
 from nova3d.eval.geometry import chamfer_depth, chamfer_surface, volume_iou  # noqa: E402
 from nova3d.eval.mesh_render import render_mesh  # noqa: E402
 from nova3d.fuse import fuse_object, load_fusion_config  # noqa: E402
+from nova3d.fusion.error_sheet import error_sheet  # noqa: E402
 from nova3d.fusion.mesh import color_vertices  # noqa: E402
 from nova3d.fusion.perturb import PerturbConfig, PerturbRecord, load_corruption_masks, perturb_object  # noqa: E402
 from nova3d.fusion.view_colors import ViewProjector, projected_color_fn  # noqa: E402
@@ -74,6 +75,7 @@ SETS = {"procedural": ["torus_knot", "block_tower"], "real": list(REAL_SET)}
 QUICK_OBJECTS = {"procedural": ["torus_knot"], "real": list(QUICK_SET)}
 QUICK = ["optim.fit_resolution=128", "optim.steps=300"]
 SUPERSAMPLE = 4  # mesh renders for texture scores: 4x4 samples per pixel
+ERRORS_SHEET, ERRORS_SHEET_HELDOUT = "errors.png", "errors_heldout.png"  # in each fused result folder
 
 
 def _render_args(settings: RenderSettings) -> list[str]:
@@ -111,9 +113,10 @@ def gt_mesh(folder: Path) -> trimesh.Trimesh:
     return mesh
 
 
-def texture_scores(pred: trimesh.Trimesh, views_folder: Path) -> dict:
+def texture_scores(pred: trimesh.Trimesh, views_folder: Path, sheet: Path | None = None) -> dict:
     """PSNR / SSIM of the textured mesh rendered at a folder's cameras against its views, and the PSNR
-    outside a 2-pixel band around the true silhouettes (edges: anti-aliasing and outline misfits)."""
+    outside a 2-pixel band around the true silhouettes (edges: anti-aliasing and outline misfits).
+    With `sheet`, also a picture of where it misses (nova3d.fusion.error_sheet; at most 8 views)."""
     views = load_views(views_folder)
     # SUPERSAMPLE² samples per pixel, box-filtered: Blender's renders are anti-aliased, and one sample
     # per pixel would count every silhouette pixel as a texture error (table: 34.5 -> 43 dB off edges)
@@ -123,7 +126,11 @@ def texture_scores(pred: trimesh.Trimesh, views_folder: Path) -> dict:
     mask = views.mask.float().reshape(len(rgb), 1, *rgb.shape[-2:])
     band = (F.max_pool2d(mask, 5, 1, 2) + F.max_pool2d(-mask, 5, 1, 2)) > 0  # dilated minus eroded
     mse_inside = (((rgb - views.rgb) ** 2) * ~band).flatten(1).sum(1) / rgb[0].numel()
-    return {"psnr": float(psnr_per_view(rgb, views.rgb).mean()), "ssim": float(ssim_per_view(rgb, views.rgb).mean()),
+    psnr = psnr_per_view(rgb, views.rgb)
+    if sheet is not None:
+        shown = list(range(0, len(rgb), max(1, len(rgb) // 8)))[:8]  # every other view of a 16-view orbit
+        error_sheet(views.rgb[shown], rgb[shown], sheet, titles=[f"view {k}  {float(psnr[k]):.1f} dB" for k in shown])
+    return {"psnr": float(psnr.mean()), "ssim": float(ssim_per_view(rgb, views.rgb).mean()),
             "psnr_off_edges": float((-10 * torch.log10(mse_inside.clamp_min(1e-10))).mean())}
 
 
@@ -153,10 +160,10 @@ def mesh_scores(out: Path, clean: Path, gt: trimesh.Trimesh) -> dict:
     surface = chamfer_surface(pred, gt)
     depth = chamfer_depth(pred, gt, Cameras.load(clean / schema.CAMERAS_FILE))
     row = {"chamfer": surface.chamfer, "fscore": surface.fscore, "chamfer_depth": depth.chamfer,
-           "iou": volume_iou(pred, gt).iou, **texture_scores(pred, clean)}
+           "iou": volume_iou(pred, gt).iou, **texture_scores(pred, clean, out / ERRORS_SHEET)}
     heldout = clean.parent / HELDOUT_DIR / clean.name
     if heldout.is_dir():
-        row.update({f"{k}_heldout": v for k, v in texture_scores(pred, heldout).items()})
+        row.update({f"{k}_heldout": v for k, v in texture_scores(pred, heldout, out / ERRORS_SHEET_HELDOUT).items()})
     return row
 
 

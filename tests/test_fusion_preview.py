@@ -85,3 +85,24 @@ def test_conflict_sheet(tmp_path):
     assert (image[y + 5, x + 5] == 0).all() and (image[y + 5, x + tile - 5] == 255).all()
     with pytest.raises(Nova3DError, match="conflict maps"):
         conflict_sheet(rgb, conflict[:2], tmp_path / "bad.png")
+
+
+def test_error_sheet_shows_the_error_where_it_is(tmp_path):
+    """Views vs renders: the error row is viridis(0) where they agree and viridis(err / max) where not."""
+    from nova3d.fusion.error_sheet import error_sheet, error_tile_origin
+
+    true = torch.full((3, 3, 16, 16), 0.5)
+    rendered = true.clone()
+    rendered[1, :, 8:, :] += 0.25  # view 1, lower half: error 0.25 = half of max_error 0.5
+    path = error_sheet(true, rendered, tmp_path / "errors.png", tile=32, max_error=0.5)
+    sheet = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    viridis = (np.asarray(VIRIDIS) * 255 + 0.5).astype(int)
+    for view, (top, bottom) in {0: (0, 0), 1: (0, 128), 2: (0, 0)}.items():
+        x, y = error_tile_origin(2, view, tile=32)
+        assert np.abs(sheet[y + 4, x + 16] - viridis[top]).max() <= 1, view
+        assert np.abs(sheet[y + 28, x + 16] - viridis[bottom]).max() <= 1, view
+    x, y = error_tile_origin(1, 1, tile=32)  # the render row shows the render
+    assert np.abs(sheet[y + 28, x + 16] - 191).max() <= 1
+    with pytest.raises(Nova3DError, match="bad.png"):
+        error_sheet(true, rendered[:2], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
