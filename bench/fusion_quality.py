@@ -75,7 +75,8 @@ SETS = {"procedural": ["torus_knot", "block_tower"], "real": list(REAL_SET)}
 QUICK_OBJECTS = {"procedural": ["torus_knot"], "real": list(QUICK_SET)}
 QUICK = ["optim.fit_resolution=128", "optim.steps=300"]
 SUPERSAMPLE = 4  # mesh renders for texture scores: 4x4 samples per pixel
-ERRORS_SHEET, ERRORS_SHEET_HELDOUT = "errors.png", "errors_heldout.png"  # in each fused result folder
+# in each fused result folder, beside fuse's errors.png (refined cameras, fit resolution): the true cameras
+TRUE_CAMERAS_SHEET, HELDOUT_SHEET = "errors_true_cameras.png", "errors_heldout.png"
 
 
 def _render_args(settings: RenderSettings) -> list[str]:
@@ -160,10 +161,10 @@ def mesh_scores(out: Path, clean: Path, gt: trimesh.Trimesh) -> dict:
     surface = chamfer_surface(pred, gt)
     depth = chamfer_depth(pred, gt, Cameras.load(clean / schema.CAMERAS_FILE))
     row = {"chamfer": surface.chamfer, "fscore": surface.fscore, "chamfer_depth": depth.chamfer,
-           "iou": volume_iou(pred, gt).iou, **texture_scores(pred, clean, out / ERRORS_SHEET)}
+           "iou": volume_iou(pred, gt).iou, **texture_scores(pred, clean, out / TRUE_CAMERAS_SHEET)}
     heldout = clean.parent / HELDOUT_DIR / clean.name
     if heldout.is_dir():
-        row.update({f"{k}_heldout": v for k, v in texture_scores(pred, heldout, out / ERRORS_SHEET_HELDOUT).items()})
+        row.update({f"{k}_heldout": v for k, v in texture_scores(pred, heldout, out / HELDOUT_SHEET).items()})
     return row
 
 

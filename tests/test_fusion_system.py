@@ -211,8 +211,8 @@ def test_fusion_recovers_the_ellipsoid_and_flags_corrupted_views(tmp_path):
         "logging.progress=false", "logging.turntable_frames=4", "logging.preview_every_n_steps=75"])
     result = fuse_object(folder, tmp_path / "out", cfg)
     out = tmp_path / "out"
-    for name in ("mesh.glb", "mesh.obj", "mesh.ply", "turntable.gif", "conflict_maps.png", "conflict_maps.npz",
-                 "cameras_refined.json", "metrics.json", "config.yaml"):
+    for name in ("mesh.glb", "mesh.obj", "mesh.ply", "turntable.gif", "errors.png", "conflict_maps.png",
+                 "conflict_maps.npz", "cameras_refined.json", "metrics.json", "config.yaml"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((out / "metrics.json").read_text())

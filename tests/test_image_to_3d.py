@@ -31,8 +31,8 @@ TINY_FUSION = ["optim.steps=5", "optim.rays=128", "optim.warmup_steps=2", "field
                "field.hashgrid.log2_table_size=12", "field.hashgrid.max_resolution=64", "render.num_steps=64",
                "render.occupancy.resolution=16", "export.resolution=32", "logging.tensorboard=false",
                "logging.progress=false", "logging.turntable_frames=2"]
-FUSION_FILES = ("mesh.glb", "mesh.obj", "mesh.ply", "turntable.gif", "conflict_maps.png", "conflict_maps.npz",
-                "cameras_refined.json", "metrics.json", "config.yaml")
+FUSION_FILES = ("mesh.glb", "mesh.obj", "mesh.ply", "turntable.gif", "errors.png", "conflict_maps.png",
+                "conflict_maps.npz", "cameras_refined.json", "metrics.json", "config.yaml")
 
 
 @pytest.fixture(scope="module")

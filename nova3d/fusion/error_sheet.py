@@ -15,6 +15,7 @@ from nova3d.errors import Nova3DError
 from nova3d.fusion.preview import _LABEL, _tiles, colorbar, colormap
 from nova3d.viz import save_png_atomic, to_uint8
 
+ERRORS_SHEET = "errors.png"  # in every `nova3d fuse` result: the mesh against the views it was fitted to
 ROWS = ("true views", "fused mesh at their cameras", "error |mesh - view| (mean of RGB)")
 
 
