@@ -332,13 +332,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nova3d.hub_noise import quiet_hub_libraries
     from nova3d.signals import exit_code, interrupts_as_errors
 
     args = _build_parser().parse_args(argv)
     # `train` is python -m nova3d.train, whose SIGTERM/SIGUSR1 handling belongs to SLURM requeueing
     signals = contextlib.nullcontext() if args.command == "train" else interrupts_as_errors()
     try:
-        with signals:
+        with signals, quiet_hub_libraries():
             return args.run(args)
     except Nova3DError as err:
         print(f"nova3d {args.command}: error: {err}", file=sys.stderr)

@@ -235,6 +235,7 @@ def _record(demo: DemoResult) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from data_prep.procedural import PROCEDURAL_OBJECTS
     from nova3d.demo_chain import TOY_MODEL, TOY_OBJECT, TOY_STEPS, run_chain
+    from nova3d.hub_noise import quiet_hub_libraries
 
     p = argparse.ArgumentParser(prog="python -m nova3d.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log = Progress()
     try:
-        with interrupts_as_errors():  # SIGTERM/SIGINT: one line and 128 + signal, the previous demo kept
+        # SIGTERM/SIGINT: one line and 128 + signal, the previous demo kept
+        with interrupts_as_errors(), quiet_hub_libraries():
             out = Path(args.out)
             chain = run_chain(out, args.model, args.toy_object, QUICK_TOY_FUSION if args.quick else TOY_FUSION,
                               steps=min(args.steps, 6) if args.quick else args.steps, log=log)

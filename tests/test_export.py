@@ -109,6 +109,21 @@ def test_cli_export_then_generate(run, tmp_path, capsys):
     assert schema.missing_files(tmp_path / "gen" / "box") == []
 
 
+def test_export_and_generate_print_no_third_party_noise(run, tmp_path, capfd):
+    """A quiet console (nova3d.hub_noise): no diffusers/transformers progress bars or warnings, only
+    nova3d's own denoising bar and summary lines."""
+    out = tmp_path / "pipe"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert main(["generate", "--image", str(_image(tmp_path / "box.png")), "--model", str(out),
+                 "--out", str(tmp_path / "gen"), "--steps", "2", "--device", "cpu"]) == 0
+    captured = capfd.readouterr()
+    console = captured.out + captured.err
+    for noise in ("Loading weights", "Loading pipeline components", "Writing model shards", "accelerate",
+                  "should be kept in float32"):
+        assert noise not in console, noise
+    assert "denoising" in captured.err and "wrote" in captured.out
+
+
 @pytest.mark.parametrize("case", ["missing", "no_checkpoint", "corrupt", "not_nova3d", "no_ema", "safetensors",
                                   "pickled_object", "text_file"])
 def test_bad_input_is_one_error_line(case, run, tmp_path, capsys):
