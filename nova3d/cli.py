@@ -175,7 +175,7 @@ def _fuse(args: argparse.Namespace) -> int:
     from nova3d.fuse import fuse_object, load_fusion_config
 
     result = fuse_object(args.views, args.out, load_fusion_config(args.experiment, args.overrides),
-                         log=lambda line: print(line, flush=True))
+                         log=lambda line: print(line, flush=True), from_field=args.from_field)
     m = result.metrics
     print(f"wrote {', '.join(str(p) for p in result.meshes.values())} ({m['faces']} faces) in {m['seconds_total']:.0f} s; "
           f"pictures, metrics.json and TensorBoard logs in {result.out_dir}")
@@ -249,6 +249,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (mesh.glb/.obj/.ply, pictures, metrics.json)")
     p.add_argument("--experiment", default="fusion/default",
                    help="fusion experiment: fusion/default, fusion/no_conflict, fusion/no_pose_refine, ...")
+    p.add_argument("--from-field", metavar="FIELD_PT", help="no fit: export the field.pt an earlier fit saved "
+                   "(export.save_field=true) with these export.* settings; give the fit's experiment and overrides")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=300 export.uv_texture=true")
 
     p = add("image-to-3d", "one image -> generated views -> fused textured mesh (generate + fuse in one command)",

@@ -9,7 +9,9 @@ conflict_maps.png (+ conflict_maps.npz, the maps as numbers;
 only for experiments with conflict maps), cameras_refined.json, metrics.json (flat numbers +
 "experiment"), config.yaml, and TensorBoard logs under tensorboard/. A folder made by
 `nova3d perturb` carries its true cameras (perturb/cameras_true.json): fusion then also reports
-the pose errors before and after refinement.
+the pose errors before and after refinement. With export.save_field=true the folder also keeps
+field.pt (the fitted fields and poses); `--from-field FOLDER/field.pt` then exports it again with
+other export.* settings and no fit (the same experiment and overrides as the fit, or it is refused).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from nova3d.systems.fusion import FusionSystem, StepCounter
 DEFAULT_EXPERIMENT = "fusion/default"
 TRUE_CAMERAS = Path("perturb") / "cameras_true.json"  # written by nova3d.fusion.perturb
 CONFLICT_RESOLUTION = 128  # conflict maps are rendered at this size (volume rendering is the slow part)
+FIELD_FILE = "field.pt"  # export.save_field: the fitted system's state (fields, variance, poses, occupancy)
 # Lightning's advice for a step-counting loader and for a tiny model are not about us.
 _EXPECTED_WARNINGS = (r".*does not have many workers.*", r".*IterableDataset.*__len__.*",
                       r".*Total length of `DataLoader` across ranks is zero.*")
@@ -101,6 +104,29 @@ def fit(views: FusionViews, cfg: FusionExperimentConfig, out_dir: Path, true_c2w
     if trainer.global_step < cfg.optim.steps:
         raise Nova3DError(f"{views.folder}: fusion stopped at step {trainer.global_step} of {cfg.optim.steps}")
     return system.to(device).eval()
+
+
+def load_fitted(views: FusionViews, cfg: FusionExperimentConfig, field_file: str | Path,
+                true_c2w: torch.Tensor | None = None) -> FusionSystem:
+    """A FusionSystem with the state a fit saved (export.save_field), ready to export: `cfg` must
+    build the same fields and poses as the fit's (its export.* settings may differ)."""
+    field_file = Path(field_file)
+    system = FusionSystem(cfg, views, true_c2w)
+    try:
+        state = torch.load(field_file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise Nova3DError(f"{field_file}: no such file (a fit writes it with export.save_field=true)") from None
+    except Exception as err:  # torch raises several types for a file that is not a state dict
+        raise Nova3DError(f"{field_file}: not a saved fusion field ({type(err).__name__})") from None
+    try:
+        system.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = next((line for line in lines if not line.startswith("Error(s) in loading")), type(err).__name__)
+        raise Nova3DError(f"{field_file}: was fitted with other field or pose settings than these "
+                          f"({first[:160]})") from None
+    system.renderer.update_step(cfg.optim.steps)  # the end of the fit's schedules (levels, cos anneal)
+    return system.to(resolve_device(cfg.device)).eval()
 
 
 def refined_cameras(system: FusionSystem) -> Cameras:
@@ -172,9 +198,10 @@ def export_outputs(system: FusionSystem, out_dir: Path, full_views: FusionViews 
 
 
 def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimentConfig | None = None,
-                log=None) -> FuseResult:
+                log=None, from_field: str | Path | None = None) -> FuseResult:
     """Fit one object folder and write everything into `out_dir` (see the module docstring).
-    optim.budget is resolved for the views' resolution (fit_budget); `log(str)` hears which."""
+    optim.budget is resolved for the views' resolution (fit_budget); `log(str)` hears which.
+    from_field: no fit; export the state an earlier fit saved (load_fitted) with `cfg`'s export settings."""
     cfg = cfg or load_fusion_config()
     views_dir, out_dir = Path(views_dir), Path(out_dir)
     check_replaceable(out_dir)  # a folder that cannot take the result fails now, not after the fit
@@ -189,12 +216,17 @@ def fuse_object(views_dir: str | Path, out_dir: str | Path, cfg: FusionExperimen
         with atomic_path(stage / "config.yaml") as tmp:
             tmp.write_text(to_yaml(cfg))
         t0 = time.perf_counter()
-        system = fit(views, cfg, stage, true_c2w)
+        system = (fit(views, cfg, stage, true_c2w) if from_field is None
+                  else load_fitted(views, cfg, from_field, true_c2w))
         seconds_fit = time.perf_counter() - t0
+        if cfg.export.save_field:
+            with atomic_path(stage / FIELD_FILE) as tmp:
+                torch.save(system.state_dict(), tmp)
         meshes, conflict, stats = export_outputs(system, stage, full_views)
         metrics = {"experiment": cfg.name, "object_id": views.object_id, "steps": cfg.optim.steps,
                    "rays_per_step": cfg.optim.rays, "budget": cfg.optim.budget, "seconds_fit": seconds_fit, **stats,
-                   "seconds_total": time.perf_counter() - t0, "device": str(system.device)}
+                   "seconds_total": time.perf_counter() - t0, "device": str(system.device),
+                   **({"from_field": str(Path(from_field).resolve())} if from_field is not None else {})}
         metrics.update(system.pose_errors() or {})
         write_json_atomic(stage / "metrics.json", metrics)
     meshes = {fmt: out_dir / path.relative_to(stage) for fmt, path in meshes.items()}

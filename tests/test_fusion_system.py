@@ -235,3 +235,29 @@ def schema_masks(folder) -> np.ndarray:
     from nova3d.data.shards import read_object_folder
 
     return read_object_folder(folder).mask
+
+
+def test_a_saved_field_exports_again_without_a_fit(folder, tmp_path, capsys):
+    """export.save_field + --from-field: the same export settings give the same mesh, other ones
+    another mesh, and a field fitted with other field settings is refused in one line."""
+    fitted = tmp_path / "fit"
+    tiny = [*TINY, "optim.steps=5"]
+    assert cli_main(["fuse", "--views", str(folder), "--out", str(fitted), *tiny, "export.save_field=true"]) == 0
+    field_pt = fitted / "field.pt"
+    assert field_pt.is_file()
+    same, finer = tmp_path / "same", tmp_path / "finer"
+    assert cli_main(["fuse", "--views", str(folder), "--out", str(same), "--from-field", str(field_pt), *tiny]) == 0
+    a, b = (trimesh.load(d / "mesh.ply", force="mesh") for d in (fitted, same))
+    assert np.array_equal(a.faces, b.faces) and np.allclose(a.vertices, b.vertices)
+    metrics = json.loads((same / "metrics.json").read_text())
+    assert metrics["from_field"] == str(field_pt.resolve()) and metrics["seconds_fit"] < 30
+    resolution = next(int(o.split("=")[1]) for o in tiny if o.startswith("export.resolution="))
+    assert cli_main(["fuse", "--views", str(folder), "--out", str(finer), "--from-field", str(field_pt), *tiny,
+                     f"export.resolution={2 * resolution}"]) == 0
+    assert len(trimesh.load(finer / "mesh.ply", force="mesh").faces) > 2 * len(a.faces)
+    other = [o for o in tiny if not o.startswith("field.hashgrid.levels=")] + ["field.hashgrid.levels=5"]
+    bad = tmp_path / "bad"
+    capsys.readouterr()
+    assert cli_main(["fuse", "--views", str(folder), "--out", str(bad), "--from-field", str(field_pt), *other]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "field.pt: was fitted with other field" in err and not bad.exists()

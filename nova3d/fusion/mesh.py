@@ -40,6 +40,9 @@ class MeshExportConfig:
     min_component_fraction: float = 0.05  # drop components with fewer faces than this x the largest
     cut_unseen_underside: bool = True  # nothing below the lowest point a view sees (nova3d.fusion.underside)
     cut_unseen_top: bool = False  # nor above the highest one (a table's top seen from below; not yet measured)
+    # field.pt in the result: the fitted fields and poses, so other export settings can be tried
+    # without a refit (nova3d fuse --from-field; ~10 MB at the default grid)
+    save_field: bool = False
     # Texture colours: "views" projects the input views (weighted by their conflict maps) onto the
     # mesh, with the colour field where no view sees it (nova3d.fusion.view_colors); "field" is
     # the colour field alone (NOVA3D's / Wonder3D's export, blurrier: docs/benchmarks.md).
