@@ -21,6 +21,31 @@ AXIS_NOTES = {".obj": "Blender OBJ importer defaults: forward -Z, up Y",
               ".glb": "glTF files are Y-up: Blender's importer and nova3d.mesh_io turn them Z-up alike"}
 
 
+def outer_surface(mesh):
+    """`mesh` (trimesh) without the faces its closed pieces hide inside each other: the boolean union
+    (manifold3d) of its closed connected components, with its open components kept as they are.
+    Multi-part models (a teddy made of overlapping convex pieces, a robot's overlapping links) have
+    surface inside the solid that no view sees and no method reconstructs; scoring against it
+    charges a fit for surface that is not there (as data_prep.procedural.solid_object avoids for
+    the procedural set). Returns (surface, share of the area removed); the mesh itself, and 0.0,
+    when there is nothing to merge or the union would add area (inconsistent pieces: inverted
+    normals, self-intersections), so it never invents surface."""
+    import trimesh
+
+    parts = mesh.split(only_watertight=False)
+    closed = [p for p in parts if p.is_volume]
+    if len(closed) < 2:
+        return mesh, 0.0
+    try:
+        union = trimesh.boolean.union(closed, engine="manifold")
+    except Exception:  # manifold3d refuses some inputs; the mesh as it is stays the truth
+        return mesh, 0.0
+    surface = trimesh.util.concatenate([union, *[p for p in parts if not p.is_volume]])
+    if surface.area >= mesh.area:
+        return mesh, 0.0
+    return surface, float(1 - surface.area / mesh.area)
+
+
 def normalised_mesh(obj_path: Path, normalisation: dict):
     """The OBJ as a trimesh in the renderer's normalised world frame (module docstring)."""
     # Y-up -> Z-up as Blender's OBJ importer turns it; GSO's model.mtl points at

@@ -102,3 +102,25 @@ def test_quick_real_bench_runs_end_to_end(tmp_path):
         info = json.loads((tmp_path / "real" / row["object"] / "mesh.json").read_text())
         assert info["vertices_in_mask_min"] >= 0.98
     assert {"every_object_chamfer", "every_object_iou", "every_object_psnr"} <= set(summary["passed"])
+
+
+def test_outer_surface_drops_only_the_faces_hidden_between_closed_parts():
+    """Two unit cubes overlapping by half: the union's area is 8 of their 12 (a third removed); an
+    open part is kept as it is; a mesh with fewer than two closed parts (an inverted piece is not
+    one) is returned unchanged."""
+    from data_prep.gt_mesh import outer_surface
+
+    a, b = trimesh.creation.box(), trimesh.creation.box()
+    b.apply_translation([0.5, 0, 0])
+    sheet = trimesh.Trimesh([[3, 0, 0], [4, 0, 0], [3, 1, 0]], [[0, 1, 2]])  # open: kept
+    surface, removed = outer_surface(trimesh.util.concatenate([a, b, sheet]))
+    assert abs(surface.area - (8 + sheet.area)) < 1e-6 and abs(removed - 4 / (12 + sheet.area)) < 1e-6
+    assert abs(surface.split()[0].volume - 1.5) < 1e-6  # one solid: the cubes' union
+    one = trimesh.creation.box()
+    assert outer_surface(one)[0] is one and outer_surface(one)[1] == 0.0
+    inverted = trimesh.creation.box()
+    inverted.invert()  # negative volume: not a closed part the union may take
+    far = trimesh.creation.box()
+    far.apply_translation([5, 0, 0])
+    mesh = trimesh.util.concatenate([inverted, far])
+    assert outer_surface(mesh)[1] == 0.0
