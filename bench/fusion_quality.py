@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -54,6 +55,7 @@ from data_prep.real_meshes import HELDOUT_DIR, QUICK_SET, REAL_SET  # noqa: E402
 from data_prep.render_io import RenderSettings, heldout_settings  # noqa: E402
 from nova3d.atomic import write_json_atomic  # noqa: E402
 from nova3d.cameras import Cameras  # noqa: E402
+from nova3d.config import to_yaml  # noqa: E402
 from nova3d.data import schema  # noqa: E402
 from nova3d.eval.appearance import psnr_per_view, ssim_per_view  # noqa: E402
 from nova3d.eval.conflict import conflict_auroc  # noqa: E402
@@ -236,12 +238,20 @@ def run_pose(clean: Path, gt: trimesh.Trimesh, root: Path, overrides: list[str])
     return row
 
 
+def config_digest(overrides: list[str]) -> str:
+    """A digest of the resolved fusion/default config with `overrides` (every scenario's experiment
+    derives from it): a changed default (e.g. export.cut_unseen_top) makes cached rows stale."""
+    cfg = load_fusion_config("fusion/default", overrides)
+    return hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:12]
+
+
 def scored_object(clean: Path, root: Path, overrides: list[str], scenarios: list[str], perturb: PerturbConfig,
                   ceiling: bool = True) -> dict:
     """run_object's row, kept in root/<object>/row_<scenarios>.json: a long bench cut short resumes
     at the first object not scored with these settings."""
     cache = root / clean.name / f"row_{'_'.join(scenarios)}.json"
-    settings = {"overrides": overrides, "perturb": dataclasses.asdict(perturb), "ceiling": ceiling}
+    settings = {"overrides": overrides, "perturb": dataclasses.asdict(perturb), "ceiling": ceiling,
+                "config": config_digest(overrides)}
     if cache.is_file():
         kept = json.loads(cache.read_text())
         if kept.get("settings") == settings:
