@@ -82,13 +82,14 @@ def cone_on_top(points: torch.Tensor) -> torch.Tensor:
     return box_with_cone(points * torch.tensor([1.0, 1.0, -1.0]))
 
 
-def test_top_cut_takes_the_unseen_dome_and_only_when_asked():
+def test_top_cut_takes_the_unseen_dome_by_default_and_only_when_on():
     mesh = clean_mesh(extract_mesh(cone_on_top, BOUND, RES, progress=False))
     cams = cameras(0.0)
     cell = 2 * BOUND / (RES - 1)
-    kept, low, high = cut_unseen(mesh, cone_on_top, BOUND, cams, masks(mesh, cams), MeshExportConfig(resolution=RES))
-    assert kept is mesh and low is None and high is None  # default: the top is left alone
-    cfg = MeshExportConfig(resolution=RES, cut_unseen_top=True)
+    off = MeshExportConfig(resolution=RES, cut_unseen_underside=False, cut_unseen_top=False)
+    kept, low, high = cut_unseen(mesh, cone_on_top, BOUND, cams, masks(mesh, cams), off)
+    assert kept is mesh and low is None and high is None  # switched off: the top is left alone
+    cfg = MeshExportConfig(resolution=RES)  # the default cuts it
     cut, low, high = cut_unseen(mesh, cone_on_top, BOUND, cams, masks(mesh, cams), cfg)
     assert mesh.vertices[:, 2].max() > -APEX - 0.02 and high is not None and low is None
     assert -BOTTOM - cell < cut.vertices[:, 2].max() < -BOTTOM + 2 * cell  # the flat top is back
