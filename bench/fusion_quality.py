@@ -62,7 +62,7 @@ from nova3d.eval.conflict import conflict_auroc  # noqa: E402
 from nova3d.eval.geometry import chamfer_depth, chamfer_surface, volume_iou  # noqa: E402
 from nova3d.eval.mesh_render import render_mesh  # noqa: E402
 from nova3d.fuse import fuse_object, load_fusion_config  # noqa: E402
-from nova3d.fusion.error_sheet import error_sheet  # noqa: E402
+from nova3d.fusion.error_sheet import views_error_sheet  # noqa: E402
 from nova3d.fusion.mesh import color_vertices  # noqa: E402
 from nova3d.fusion.perturb import PerturbConfig, PerturbRecord, load_corruption_masks, perturb_object  # noqa: E402
 from nova3d.fusion.view_colors import ViewProjector, projected_color_fn  # noqa: E402
@@ -135,8 +135,7 @@ def texture_scores(pred: trimesh.Trimesh, views_folder: Path, sheet: Path | None
     mse_inside = (((rgb - views.rgb) ** 2) * ~band).flatten(1).sum(1) / rgb[0].numel()
     psnr = psnr_per_view(rgb, views.rgb)
     if sheet is not None:
-        shown = list(range(0, len(rgb), max(1, len(rgb) // 8)))[:8]  # every other view of a 16-view orbit
-        error_sheet(views.rgb[shown], rgb[shown], sheet, titles=[f"view {k}  {float(psnr[k]):.1f} dB" for k in shown])
+        views_error_sheet(views.rgb, rgb, psnr, sheet)
     return {"psnr": float(psnr.mean()), "ssim": float(ssim_per_view(rgb, views.rgb).mean()),
             "psnr_off_edges": float((-10 * torch.log10(mse_inside.clamp_min(1e-10))).mean())}
 

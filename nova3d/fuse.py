@@ -30,7 +30,7 @@ from nova3d.config import is_fusion_experiment, load_experiment, to_yaml
 from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.fusion.config import FusionExperimentConfig, describe_budget, fit_budget
-from nova3d.fusion.error_sheet import ERRORS_SHEET, error_sheet
+from nova3d.fusion.error_sheet import ERRORS_SHEET, views_error_sheet
 from nova3d.fusion.underside import cut_unseen
 from nova3d.fusion.view_colors import COLOR_SOURCES, ViewProjector, projected_color_fn
 from nova3d.fusion.views import FusionViews, load_views
@@ -190,9 +190,7 @@ def export_outputs(system: FusionSystem, out_dir: Path, full_views: FusionViews 
     rendered = render_mesh(mesh, cams, image_size=views.resolution, background=1.0)
     psnr = psnr_per_view(rendered.rgb.clamp(0, 1), views.rgb.cpu())
     stats["psnr_mesh_vs_views"] = float(psnr.mean())
-    shown = list(range(0, len(psnr), max(1, len(psnr) // 8)))[:8]  # where the mesh misses its views, as a picture
-    error_sheet(views.rgb.cpu()[shown], rendered.rgb.clamp(0, 1)[shown], out_dir / ERRORS_SHEET,
-                titles=[f"view {k}  {float(psnr[k]):.1f} dB" for k in shown])
+    views_error_sheet(views.rgb.cpu(), rendered.rgb.clamp(0, 1), psnr, out_dir / ERRORS_SHEET)  # where it misses
     turntable(mesh, out_dir / "turntable.gif", frames=cfg.logging.turntable_frames, progress=bars)
     return meshes, conflict, stats
 

@@ -59,3 +59,11 @@ def error_tile_origin(row: int, view: int, tile: int = 128) -> tuple[int, int]:
     """(x, y) of the top-left pixel of `view`'s tile in `row` (0: true, 1: mesh, 2: error)."""
     return view * tile, row * (tile + _LABEL) + _LABEL
 
+
+def views_error_sheet(true: Tensor, rendered: Tensor, psnr: Tensor, out_path: str | os.PathLike,
+                      most: int = 8) -> Path:
+    """error_sheet of at most `most` evenly spaced views (every other one of a 16-view orbit), each
+    titled with its PSNR (psnr [V])."""
+    shown = list(range(0, len(true), max(1, len(true) // most)))[:most]
+    return error_sheet(true[shown], rendered[shown], out_path,
+                       titles=[f"view {k}  {float(psnr[k]):.1f} dB" for k in shown])
