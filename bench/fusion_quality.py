@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import subprocess
@@ -55,13 +54,12 @@ from data_prep.real_meshes import HELDOUT_DIR, QUICK_SET, REAL_SET  # noqa: E402
 from data_prep.render_io import RenderSettings, heldout_settings  # noqa: E402
 from nova3d.atomic import write_json_atomic  # noqa: E402
 from nova3d.cameras import Cameras  # noqa: E402
-from nova3d.config import to_yaml  # noqa: E402
 from nova3d.data import schema  # noqa: E402
 from nova3d.eval.appearance import psnr_per_view, ssim_per_view  # noqa: E402
 from nova3d.eval.conflict import conflict_auroc  # noqa: E402
 from nova3d.eval.geometry import chamfer_depth, chamfer_surface, volume_iou  # noqa: E402
 from nova3d.eval.mesh_render import render_mesh  # noqa: E402
-from nova3d.fuse import fuse_object, load_fusion_config  # noqa: E402
+from nova3d.fuse import fuse_object, fusion_config_digest, load_fusion_config  # noqa: E402
 from nova3d.fusion.error_sheet import views_error_sheet  # noqa: E402
 from nova3d.fusion.mesh import color_vertices  # noqa: E402
 from nova3d.fusion.perturb import PerturbConfig, PerturbRecord, load_corruption_masks, perturb_object  # noqa: E402
@@ -237,20 +235,13 @@ def run_pose(clean: Path, gt: trimesh.Trimesh, root: Path, overrides: list[str])
     return row
 
 
-def config_digest(overrides: list[str]) -> str:
-    """A digest of the resolved fusion/default config with `overrides` (every scenario's experiment
-    derives from it): a changed default (e.g. export.cut_unseen_top) makes cached rows stale."""
-    cfg = load_fusion_config("fusion/default", overrides)
-    return hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:12]
-
-
 def scored_object(clean: Path, root: Path, overrides: list[str], scenarios: list[str], perturb: PerturbConfig,
                   ceiling: bool = True) -> dict:
     """run_object's row, kept in root/<object>/row_<scenarios>.json: a long bench cut short resumes
     at the first object not scored with these settings."""
     cache = root / clean.name / f"row_{'_'.join(scenarios)}.json"
     settings = {"overrides": overrides, "perturb": dataclasses.asdict(perturb), "ceiling": ceiling,
-                "config": config_digest(overrides)}
+                "config": fusion_config_digest(overrides)}  # every scenario derives from fusion/default
     if cache.is_file():
         kept = json.loads(cache.read_text())
         if kept.get("settings") == settings:

@@ -8,16 +8,20 @@ training seeds each, same data, same recipe, same steps; scored on the test spli
 Each arm trains from scratch with experiments/toy.yaml's recipe (the no-GTA arm only switches GTA off)
 and `seed=S` (weights and noise; the data order, data.seed, is the same for all). Runs live in
 ROOT/<arm>_s<seed>/ and resume: with --max-time a piece stops in time and the next launch continues
-it, so the ablation can be trained over several sessions. When every run has reached --steps, each is
-exported and scored by bench/toy_generation.py (generated views and, unless --fusion-budget none,
-meshes fused from them against the GT meshes and against the same fusion on the true renders).
-Writes ROOT/ablation.json: per run the bench's keys plus `seed` and `experiment`; per arm the mean
-and the spread (max - min over seeds) of each key. Prints one markdown table.
+it, so the ablation can be trained over several sessions. The true-view reference (the same fusion
+on the objects' true renders, ROOT/bench/true_views/) is computed as one more job beside the
+trainings. When every run has reached --steps, each is exported and scored by
+bench/toy_generation.py (generated views and, unless --fusion-budget none, meshes fused from them
+against the GT meshes), one run per job; a run's score is kept in ROOT/bench/scores/<run>.json
+with the settings it was scored under, so an interrupted scoring resumes at the first run not
+scored. Writes ROOT/ablation.json: per run the bench's keys plus `seed` and `experiment`; per arm
+the mean and the spread (max - min over seeds) of each key. Prints one markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_pilots import PY, ROOT, train_and_export  # noqa: E402
+
+from nova3d.atomic import write_json_atomic  # noqa: E402
+from nova3d.fuse import fusion_config_digest  # noqa: E402
 
 ARMS = {"toy": "toy", "toy_no_gta": "ablations/toy_no_gta",
         "toy_image_prior": "ablations/toy_image_prior"}  # issue 15 §1: the image-UNet twin (--arms)
@@ -41,9 +48,42 @@ def trained_steps(run: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]) if ckpt.is_file() else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def toy_fusion(budget: str) -> tuple[str, ...] | None:
+    from nova3d.demo_parts import QUICK_TOY_FUSION, TOY_FUSION
+
+    return {"toy": TOY_FUSION, "quick": QUICK_TOY_FUSION, "none": None}[budget]
+
+
+def bench_call(name: str, extra: list[str], args) -> None:
+    """bench/toy_generation.py with the ablation's objects, budget and OUT (ROOT/bench), one thread,
+    its output in ROOT/NAME.score.log."""
     import subprocess
 
+    bench = [PY, str(ROOT / "bench" / "toy_generation.py"), "--objects", str(args.objects), "--steps",
+             str(args.sampling_steps), "--fusion-budget", args.fusion_budget, "--out", str(args.root / "bench"),
+             "--data", str(args.data), *extra]
+    with open(args.root / f"{name}.score.log", "w") as log:
+        done = subprocess.run(bench, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SystemExit(f"toy_ablation: toy_generation for {name} failed (exit {done.returncode}); see {log.name}")
+
+
+def scored_run(name: str, export: Path, args, settings: dict) -> dict:
+    """bench/toy_generation.py on one run (one thread), its SCORED keys kept in ROOT/bench/scores/NAME.json
+    with `settings`: a rerun scores only the runs not scored under the same settings."""
+    cache = args.root / "bench" / "scores" / f"{name}.json"
+    if cache.is_file() and (kept := json.loads(cache.read_text())).get("settings") == settings:
+        return kept["row"]
+    bench_call(name, ["--runs", f"{name}={export}"], args)
+    metrics = json.loads((args.root / "bench" / name / "metrics.json").read_text())
+    row = {k: metrics.get(k) for k in SCORED}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cache, {"settings": settings, "row": row})
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["toy", "toy_no_gta"],
@@ -55,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one thread each)")
     p.add_argument("--fusion-budget", choices=["toy", "quick", "none"], default="toy")
     p.add_argument("--sampling-steps", type=int, default=25)
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "toy")
     args = p.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
     runs = {f"{arm}_s{seed}": (arm, seed) for arm in args.arms for seed in args.seeds}
@@ -65,26 +106,33 @@ def main(argv: list[str] | None = None) -> int:
         return train_and_export(name, ARMS[arm], [f"seed={seed}", *extra], args.root)
 
     with ThreadPoolExecutor(args.jobs) as pool:
+        if args.fusion_budget != "none":  # submitted first: it runs beside the trainings, not after them
+            reference = pool.submit(bench_call, "reference", ["--reference-only"], args)
         exports = dict(zip(runs, pool.map(train, runs)))
+        if args.fusion_budget != "none":
+            reference.result()
     reached = {n: trained_steps(args.root / n / ARMS[runs[n][0]] / "local") for n in runs}
     if any(step < args.steps for step in reached.values()):
         print(f"toy_ablation: not all runs reached {args.steps} steps ({reached}); run the same command again "
               "to continue them")
         return 0
-    bench = [PY, str(ROOT / "bench" / "toy_generation.py"), "--objects", str(args.objects), "--steps",
-             str(args.sampling_steps), "--fusion-budget", args.fusion_budget, "--out", str(args.root / "bench"),
-             "--jobs", str(args.jobs), "--runs", *[f"{n}={path}" for n, (path, _) in exports.items()]]
-    subprocess.run(bench, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((args.root / "bench" / "toy_generation.json").read_text())
-    per_run = {n: {**{k: summary["runs"][n].get(k) for k in SCORED}, "seed": runs[n][1], "experiment": ARMS[runs[n][0]]}
-               for n in runs}
+    fusion = toy_fusion(args.fusion_budget)
+    settings = {"steps": args.steps, "objects": args.objects, "sampling_steps": args.sampling_steps,
+                "fusion": list(fusion or []), "fusion_config": fusion_config_digest(fusion or ())}
+
+    def score(name: str) -> dict:
+        return {**scored_run(name, exports[name][0], args, settings), "seed": runs[name][1],
+                "experiment": ARMS[runs[name][0]]}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        per_run = dict(zip(runs, pool.map(score, runs)))
     per_arm = {}
     for arm in args.arms:
         rows = [per_run[n] for n in runs if runs[n][0] == arm]
         per_arm[arm] = {k: {"mean": float(np.mean(v)), "spread": float(np.ptp(v))}
                         for k in SCORED if (v := [r[k] for r in rows if r[k] is not None])}
-    (args.root / "ablation.json").write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "runs": per_run,
-                                                         "arms": per_arm, "objects": args.objects}, indent=1))
+    write_json_atomic(args.root / "ablation.json", {"steps": args.steps, "seeds": args.seeds, "runs": per_run,
+                                                    "arms": per_arm, "objects": args.objects})
     print("| arm | " + " | ".join(SCORED) + " |")
     print("|---|" + "---|" * len(SCORED))
     for arm, stats in per_arm.items():

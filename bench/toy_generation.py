@@ -2,7 +2,7 @@
 
     python bench/toy_generation.py [--data data/toy] [--runs toy=pretrained/toy NAME=PIPELINE_DIR ...]
                                    [--objects 20] [--steps 12] [--seed 0] [--quick] [--out outputs/toy_bench]
-                                   [--fusion-budget toy|quick|none] [--split test|val] [--jobs N]
+                                   [--fusion-budget toy|quick|none] [--split test|val] [--jobs N] [--reference-only]
 
 For every test-split object with a GT mesh (data_prep.toy_data) and every run (a pipeline folder,
 `nova3d export` of a toy-recipe checkpoint): its input view (view 0 of the Blender render) ->
@@ -82,12 +82,15 @@ def fuse_and_score_mesh(views_dir: Path, out_dir: Path, gt_folder: Path, fusion:
 
 def true_views_reference(objects: list[Path], out: Path, fusion: tuple[str, ...], resolution: int) -> dict:
     """The same fusion on the TRUE renders of the same objects: what the chain could reach with perfect
-    views. Kept in OUT/true_views/reference.json and reused while objects and fusion settings are the same."""
+    views. Kept in OUT/true_views/reference.json and reused while the objects and the resolved fusion
+    config (overrides and defaults) are the same."""
     import json as _json
 
     from nova3d.eval.protocol import get_protocol
+    from nova3d.fuse import fusion_config_digest
 
-    key = {"objects": [f.name for f in objects], "fusion": list(fusion), "resolution": resolution, "protocol": PROTOCOL}
+    key = {"objects": [f.name for f in objects], "fusion": list(fusion), "config": fusion_config_digest(fusion),
+           "resolution": resolution, "protocol": PROTOCOL}
     cache = out / TRUE_VIEWS / "reference.json"
     if cache.is_file():
         stored = _json.loads(cache.read_text())
@@ -234,11 +237,15 @@ def main(argv: list[str] | None = None) -> int:
                         "none: score the generated views only")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="val: the split recipes are chosen on (views only: val objects have no GT mesh)")
+    p.add_argument("--reference-only", action="store_true",
+                   help="compute (or find) OUT/true_views, the same fusion on the true renders, and stop")
     args = p.parse_args(argv)
     if args.split != "test" and args.fusion_budget != "none":
         p.error("--split val scores views only: add --fusion-budget none")
+    if args.reference_only and args.fusion_budget == "none":
+        p.error("--reference-only needs a fusion budget (toy or quick)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    runs = dict(r.split("=", 1) for r in args.runs)
+    runs = {} if args.reference_only else dict(r.split("=", 1) for r in args.runs)
     try:  # every model loads and the data is there before anything in OUT is touched
         for model in runs.values():
             _pipeline(Path(model))
@@ -250,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     fusion = (None if args.fusion_budget == "none" else
               QUICK_TOY_FUSION if args.quick or args.fusion_budget == "quick" else TOY_FUSION)
     objects = split_objects(args.data, count, args.split)
+    if args.reference_only:
+        resolution = gv.Views.from_sample(read_object_folder(objects[0])).rgb.shape[-1]
+        reference = true_views_reference(objects, args.out, fusion, resolution)
+        print(json.dumps({k: reference[k] for k in ("chamfer", "volume_iou")}))
+        return 0
     mean = train_mean(args.data)
     baselines = {"input_repeated": [], "train_mean": []}
     for folder in objects:

@@ -64,6 +64,14 @@ def load_fusion_config(experiment: str = DEFAULT_EXPERIMENT, overrides: list[str
     return cfg
 
 
+def fusion_config_digest(overrides: list[str] | tuple = (), experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """A digest of the resolved fusion config: caches of fit results keyed by it go stale when a
+    default changes (e.g. export.cut_unseen_top), not only when the overrides do."""
+    import hashlib
+
+    return hashlib.sha1(to_yaml(load_fusion_config(experiment, overrides)).encode()).hexdigest()[:12]
+
+
 def check_choices(cfg: FusionExperimentConfig, experiment: str) -> None:
     """A misspelt option value fails at load time with one line, not steps into a fit."""
     from nova3d.fusion.field import COLOR_VIEW_MODES

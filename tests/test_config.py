@@ -42,6 +42,16 @@ def test_fusion_overrides_and_typos():
         load_experiment("fusion/default", ["optim.stepz=7"])
 
 
+def test_fusion_config_digest_follows_the_resolved_config_not_the_override_list():
+    """Bench caches key fit results by it: a changed default must make them stale, a restated one must not."""
+    from nova3d.fuse import fusion_config_digest
+
+    default = fusion_config_digest(())
+    assert fusion_config_digest(("export.cut_unseen_top=true",)) == default  # restates the default
+    assert fusion_config_digest(("export.cut_unseen_top=false",)) != default
+    assert fusion_config_digest(()) == default  # stable between calls
+
+
 def test_ablation_changes_only_its_knob():
     full, ablation = load_experiment("gta_full"), load_experiment("ablations/no_gta")
     assert (full.model.gta_spatial, full.model.gta_temporal) == (True, True)
