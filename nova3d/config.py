@@ -119,8 +119,9 @@ class SystemConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 10000
-    # Wall-clock cap "DD:HH:MM:SS" (Lightning's max_time), e.g. to end a CPU piece of a long recipe in
-    # time; the run stops, checkpoints, and the next launch resumes. None: no cap.
+    # Wall-clock cap "DD:HH:MM:SS" on each launch's training (nova3d.piece_timer), e.g. to end a CPU
+    # piece of a long recipe or a SLURM job in time; the run stops, checkpoints, and the next launch
+    # resumes with the whole cap again. None: no cap.
     max_time: Optional[str] = None
     accelerator: str = "auto"
     devices: Any = 1  # int or "auto"

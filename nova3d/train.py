@@ -25,6 +25,7 @@ from nova3d.config import ExperimentConfig, TrainerConfig, load_experiment
 from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.errors import Nova3DError
 from nova3d.lightning_warnings import quiet_lightning
+from nova3d.piece_timer import PieceTimer
 from nova3d.preemption import PreemptionCheckpoint
 from nova3d.progress_bar import StepProgressBar
 from nova3d.run_dir import RunDir, resume_checkpoint, run_dir_for, write_snapshot
@@ -64,6 +65,8 @@ def build_callbacks(cfg: ExperimentConfig, run: RunDir) -> list[Callback]:
         ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
                         save_on_train_epoch_end=False, auto_insert_metric_name=False),
         StepProgressBar("train", refresh_rate=max(1, t.log_every_n_steps)),
+        # trainer.max_time caps each launch (Lightning's max_time would cap the run's total across resumes).
+        *([PieceTimer(duration=t.max_time, interval="step", verbose=False)] if t.max_time else []),
         # It logs through the logger and refuses to start without one (logging.tensorboard=false).
         *([LearningRateMonitor(logging_interval="step")] if cfg.logging.tensorboard else []),
     ]
@@ -79,7 +82,7 @@ def build_trainer(cfg: ExperimentConfig, run: RunDir, extra_callbacks: Sequence[
     with quiet_lightning():  # Lightning's srun hint on a local run (nova3d.lightning_warnings)
         return L.Trainer(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-            precision=resolve_precision(t), max_steps=t.max_steps, max_time=t.max_time,
+            precision=resolve_precision(t), max_steps=t.max_steps,
             accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
             # Validation every N global steps across epochs (an epoch is only the loader's with_epoch length).
             val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,

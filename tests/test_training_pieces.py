@@ -148,3 +148,6 @@ def test_wall_clock_cap_stops_the_run_with_a_checkpoint_to_resume(shards, tmp_pa
     assert 1 <= step < 10000
     saved = torch.load(run_dir_for(cfg).last_checkpoint, map_location="cpu", weights_only=True)
     assert saved["global_step"] == step
+    # The cap is per launch: the next piece resumes and trains on (Lightning's own Timer would count the
+    # first piece's time and stop at once).
+    assert run_training(cfg, ["capped"]).global_step > step
