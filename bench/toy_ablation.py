@@ -69,9 +69,20 @@ def bench_call(name: str, extra: list[str], args) -> None:
         raise SystemExit(f"toy_ablation: toy_generation for {name} failed (exit {done.returncode}); see {log.name}")
 
 
+def weights_digest(export: Path) -> str:
+    """A digest of an exported pipeline's UNet weights: a run retrained with another recipe is scored again."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for f in sorted((export / "unet").glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def scored_run(name: str, export: Path, args, settings: dict) -> dict:
     """bench/toy_generation.py on one run (one thread), its SCORED keys kept in ROOT/bench/scores/NAME.json
-    with `settings`: a rerun scores only the runs not scored under the same settings."""
+    with `settings` and the run's weights digest: a rerun scores only the runs not scored the same way."""
+    settings = {**settings, "unet": weights_digest(export)}
     cache = args.root / "bench" / "scores" / f"{name}.json"
     if cache.is_file() and (kept := json.loads(cache.read_text())).get("settings") == settings:
         return kept["row"]
