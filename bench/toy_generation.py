@@ -219,6 +219,13 @@ def _bench_objects(args: list[tuple], workers: int) -> list[tuple]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nova3d.hub_noise import quiet_hub_libraries
+
+    with quiet_hub_libraries():  # diffusers' loading bars and cast warnings: one progress line per object instead
+        return run_bench(argv)
+
+
+def run_bench(argv: list[str] | None = None) -> int:
     from nova3d.demo_parts import QUICK_TOY_FUSION, TOY_FUSION
     from nova3d.eval.report import build_report, write_report
 
