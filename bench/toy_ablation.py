@@ -4,6 +4,7 @@ training seeds each, same data, same recipe, same steps; scored on the test spli
     python bench/toy_ablation.py [--steps 2500] [--seeds 0 1] [--objects 8] [--root ~/.cache/nova3d/ablation]
                                  [--arms toy toy_no_gta | toy toy_image_prior]
                                  [--max-time DD:HH:MM:SS] [--jobs 2] [--fusion-budget toy|quick|none]
+                                 [--name ablation]
 
 Each arm trains from scratch with experiments/toy.yaml's recipe (the no-GTA arm only switches GTA off)
 and `seed=S` (weights and noise; the data order, data.seed, is the same for all). Runs live in
@@ -14,7 +15,7 @@ trainings. When every run has reached --steps, each is exported and scored by
 bench/toy_generation.py (generated views and, unless --fusion-budget none, meshes fused from them
 against the GT meshes), one run per job; a run's score is kept in ROOT/bench/scores/<run>.json
 with the settings it was scored under, so an interrupted scoring resumes at the first run not
-scored. Writes ROOT/ablation.json: per run the bench's keys plus `seed` and `experiment`; per arm
+scored. Writes ROOT/NAME.json (--name, default ablation): per run the bench's keys plus `seed` and `experiment`; per arm
 the mean and the spread (max - min over seeds) of each key. Prints one markdown table.
 """
 from __future__ import annotations
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion-budget", choices=["toy", "quick", "none"], default="toy")
     p.add_argument("--sampling-steps", type=int, default=25)
     p.add_argument("--data", type=Path, default=ROOT / "data" / "toy")
+    p.add_argument("--name", default="ablation", help="the result is ROOT/NAME.json (one per comparison)")
     args = p.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
     runs = {f"{arm}_s{seed}": (arm, seed) for arm in args.arms for seed in args.seeds}
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [per_run[n] for n in runs if runs[n][0] == arm]
         per_arm[arm] = {k: {"mean": float(np.mean(v)), "spread": float(np.ptp(v))}
                         for k in SCORED if (v := [r[k] for r in rows if r[k] is not None])}
-    write_json_atomic(args.root / "ablation.json", {"steps": args.steps, "seeds": args.seeds, "runs": per_run,
+    write_json_atomic(args.root / f"{args.name}.json", {"steps": args.steps, "seeds": args.seeds, "runs": per_run,
                                                     "arms": per_arm, "objects": args.objects})
     print("| arm | " + " | ".join(SCORED) + " |")
     print("|---|" + "---|" * len(SCORED))
