@@ -52,6 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 from diffusers import UNetSpatioTemporalConditionModel  # noqa: E402
 
 from nova3d.models.gta import GTAConfig, install_gta  # noqa: E402
+from nova3d.models.image_configs import sd21_unet_config  # noqa: E402
+# Imported here, not under a FakeTensorMode: its module-level σ table must be a real tensor.
+from nova3d.models.image_unet import GTAImageUNet  # noqa: E402
+from nova3d.models.multiview import MultiViewConfig  # noqa: E402
 from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config  # noqa: E402
 from nova3d.models.unet import checkpoint_temporal_blocks  # noqa: E402
 
@@ -75,7 +79,10 @@ def mid_unet_config() -> dict[str, Any]:
 
 UNET_CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "svd_xt": svd_xt_unet_config, "mid": mid_unet_config, "tiny": tiny_unet_config}
-LATENT_SCALE = {"svd_xt": 8, "mid": 8, "tiny": 2}  # pixels per latent cell of the matching VAE
+# The image prior (issue 15 §1, nova3d.models.image_unet): SD 2.1's UNet with multi-view attention in
+# either layout, with gta_full's conditioner (CLIP ViT-H + SVD's VAE, as ablations/image_prior.yaml).
+IMAGE_ARCHS = {"sd21_dense": "dense", "sd21_orbit": "orbit"}
+LATENT_SCALE = {"svd_xt": 8, "mid": 8, "tiny": 2, "sd21_dense": 8, "sd21_orbit": 8}  # pixels per latent cell
 
 
 class LiveTensorTracker(TorchDispatchMode):
@@ -145,6 +152,8 @@ def build_unet(arch: str, model: str, checkpointing: str,
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in `dtype`: .to() cannot swap fake parameters
     try:
+        if arch in IMAGE_ARCHS:
+            return build_image_unet(arch, model, checkpointing)
         unet = UNetSpatioTemporalConditionModel.from_config(UNET_CONFIGS[arch]())
     finally:
         torch.set_default_dtype(default)
@@ -160,9 +169,19 @@ def build_unet(arch: str, model: str, checkpointing: str,
     return unet.train()
 
 
+def build_image_unet(arch: str, model: str, checkpointing: str):
+    """GTAImageUNet on SD 2.1's config with GTA and multi-view attention, called like the GTA-SVD UNet."""
+    if model != "gta":
+        raise ValueError(f"image-prior ladder rows are GTA only, got model {model!r}")
+    unet = GTAImageUNet.build(sd21_unet_config(), GTAConfig(num_domains=DOMAINS), MultiViewConfig(layout=IMAGE_ARCHS[arch]))
+    if checkpointing != "none":  # diffusers' switch covers every block of an image UNet ("full" = "diffusers")
+        unet.enable_gradient_checkpointing()
+    return unet.train()
+
+
 def conditioner_bytes(arch: str) -> int:
     """Resident bytes of the frozen float32 CLIP + VAE (built on the meta device: no memory)."""
-    if arch != "svd_xt":
+    if arch not in ("svd_xt", *IMAGE_ARCHS):
         return 0
     from nova3d.models.factory import build_svd_xt_conditioner
 
@@ -173,7 +192,7 @@ def conditioner_bytes(arch: str) -> int:
 
 def vae_encode_peak(arch: str, side: int, dtype: torch.dtype = torch.float32) -> int:
     """Transient bytes of one VAE encode call of VAE_CHUNK images at side x side pixels (fake tensors)."""
-    if arch != "svd_xt":
+    if arch not in ("svd_xt", *IMAGE_ARCHS):
         return 0
     from diffusers import AutoencoderKLTemporalDecoder
 
@@ -195,7 +214,9 @@ def vae_encode_peak(arch: str, side: int, dtype: torch.dtype = torch.float32) ->
 def step_memory(arch: str, model: str, checkpointing: str, latent: int, frames: int, *, fake: bool = True,
                 precision: str = "bf16-mixed", optimizer: str = "adamw", batch: int = 1) -> dict[str, Any]:
     """Peak bytes of one steady-state training step (module docstring); fake=False runs real tensors."""
-    with torch.random.fork_rng(devices=[]), (torch._subclasses.FakeTensorMode() if fake else nullcontext()):
+    # allow_non_fake_inputs: module-level constants (the image UNet's σ table) are real tensors
+    with torch.random.fork_rng(devices=[]), (torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+                                             if fake else nullcontext()):
         torch.manual_seed(0)
         unet = build_unet(arch, model, checkpointing,
                           torch.bfloat16 if precision == "bf16-true" else torch.float32)
@@ -209,7 +230,8 @@ def step_memory(arch: str, model: str, checkpointing: str, latent: int, frames: 
         cfg = unet.config
         n = DOMAINS * batch  # objects x domains, domain-major
         dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-        x = torch.randn(n, frames, cfg.in_channels, latent, latent, dtype=dtype)
+        channels = getattr(unet, "latent_in_channels", cfg.in_channels)  # the image UNet's conv_in takes 4 + 4
+        x = torch.randn(n, frames, channels, latent, latent, dtype=dtype)
         ehs = torch.randn(n, 1, cfg.cross_attention_dim, dtype=dtype)
         ids = torch.tensor([[6.0, 127.0, 0.02]]).repeat(n, 1)
         sigma = torch.full((n,), 0.5)
@@ -250,7 +272,7 @@ def ladder_row(resolution: int, views: int, checkpointing: str, model: str, prec
         encode = vae_encode_peak(arch, resolution, torch.bfloat16 if precision == "bf16-true" else torch.float32)
     cond = conditioner_bytes(arch) // (2 if precision == "bf16-true" else 1)  # bf16-true converts it too
     peak = cond + max(unet["peak_bytes"], unet["resident_bytes"] + encode)
-    return {"resolution": resolution, "views": views, "checkpointing": checkpointing == "full",
+    return {"arch": arch, "resolution": resolution, "views": views, "checkpointing": checkpointing == "full",
             "checkpointing_kind": checkpointing, "model": model, "precision": precision, "optimizer": optimizer,
             "batch_per_gpu": batch, "predicted_peak_gib": round(peak / GIB, 2),
             "unet_step_peak_gib": round(unet["peak_bytes"] / GIB, 2),
@@ -321,8 +343,13 @@ RECIPES = {  # docs/training_recipes.md: experiments/recipes/*.yaml (and one tha
 }
 
 
-def run(quick: bool, toy: bool = False) -> dict[str, Any]:
+def run(quick: bool, toy: bool = False, image_prior: bool = False) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
+    if image_prior:  # the image-prior backbone beside the recipe's SVD row, same step and batch
+        for arch in ("svd_xt", *IMAGE_ARCHS):
+            rows.append(ladder_row(512, 16, "full", "gta", arch=arch))
+            print(json.dumps(rows[-1]), flush=True)
+        return {"configs": rows, "recipes": {}}
     if toy:  # gpu_check.sh --cpu-dry-run: the same code at toy size, seconds
         rows.append(ladder_row(64, 4, "full", "gta", arch="tiny"))
         validation = [validation_row("tiny", "gta", "full", 8, 4)]
@@ -361,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="vanilla rows only at 512²x16; fewer validation rows")
     parser.add_argument("--toy", action="store_true", help="the tiny UNet only (bench/gpu_check.sh --cpu-dry-run)")
+    parser.add_argument("--image-prior", action="store_true",
+                        help="the image-prior backbone (SD 2.1, dense and orbit multi-view) beside SVD-xt, 512² x 16")
     parser.add_argument("--out", help="also write the JSON object to this file")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the machines are small and shared)")
     parser.add_argument("--measure-worker", nargs=5, metavar=("ARCH", "MODEL", "CKPT", "LATENT", "FRAMES"),
@@ -375,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     result = {"bench": "memory_ladder", "status": "ok", "torch": torch.__version__, "batch_per_gpu": 1,
-              "domains": DOMAINS, "quick": args.quick, "toy": args.toy, **run(args.quick, args.toy),
+              "domains": DOMAINS, "quick": args.quick, "toy": args.toy, **run(args.quick, args.toy, args.image_prior),
               "seconds": round(time.perf_counter() - t0, 1)}
     line = json.dumps(result)
     if args.out:

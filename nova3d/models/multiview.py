@@ -96,7 +96,9 @@ def _copied_attention(attn: Attention) -> Attention:
     w = attn.to_q.weight
     new = Attention(query_dim=attn.query_dim, heads=attn.heads, dim_head=attn.inner_dim // attn.heads,
                     bias=attn.to_q.bias is not None, out_bias=attn.to_out[0].bias is not None,
-                    upcast_attention=attn.upcast_attention, processor=AttnProcessor2_0()).to(w.device, w.dtype)
+                    upcast_attention=attn.upcast_attention, processor=AttnProcessor2_0())
+    if (new.to_q.weight.device, new.to_q.weight.dtype) != (w.device, w.dtype):  # a no-op .to() cannot run on
+        new = new.to(w.device, w.dtype)  # fake tensors (bench/memory_ladder.py builds the UNet under FakeTensorMode)
     with torch.no_grad():
         for name in ("to_q", "to_k", "to_v"):
             getattr(new, name).load_state_dict(getattr(attn, name).state_dict())
