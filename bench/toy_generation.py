@@ -264,8 +264,8 @@ def run_bench(argv: list[str] | None = None) -> int:
     fusion = (None if args.fusion_budget == "none" else
               QUICK_TOY_FUSION if args.quick or args.fusion_budget == "quick" else TOY_FUSION)
     objects = split_objects(args.data, count, args.split)
+    resolution = gv.Views.from_sample(read_object_folder(objects[0])).rgb.shape[-1]
     if args.reference_only:
-        resolution = gv.Views.from_sample(read_object_folder(objects[0])).rgb.shape[-1]
         reference = true_views_reference(objects, args.out, fusion, resolution)
         print(json.dumps({k: reference[k] for k in ("chamfer", "volume_iou")}))
         return 0
@@ -280,7 +280,6 @@ def run_bench(argv: list[str] | None = None) -> int:
     print(f"runs {', '.join(runs)} on {len(objects)} {args.split} objects", flush=True)
     reference = {}
     if fusion is not None:
-        resolution = gv.Views.from_sample(read_object_folder(objects[0])).rgb.shape[-1]
         reference = true_views_reference(objects, args.out, fusion, resolution)
     if args.jobs > 1 and len(jobs) == 1:  # one run: its objects side by side
         rows = {jobs[0][0]: bench_run(*jobs[0], workers=args.jobs)}
