@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--jobs", type=int, default=1, help="objects scored side by side, one thread each")
     args = p.parse_args(argv)
+    if not args.bench.is_dir():
+        print(f"consistency_vs_truth: error: {args.bench}: not a folder (a bench/toy_generation.py output)",
+              file=sys.stderr)
+        return 2
     out = args.out or args.bench / "consistency"
     runs = args.runs or sorted(d.name for d in args.bench.iterdir() if (d / "per_object.json").is_file())
     rows = []
