@@ -9,17 +9,19 @@ steady state), plus the frozen conditioner (CLIP ViT-H + SVD VAE, float32) resid
 encode of the target videos (chunks of 16 images, autocast off) as a transient before the UNet runs.
 
 How, without a GPU or the memory: every tensor is a FakeTensor (torch._subclasses.FakeTensorMode:
-shapes, dtypes and aliasing, no storage), and LiveTensorTracker (a TorchDispatchMode, the same idea
-as torch.distributed._tools.mem_tracker.MemTracker, about 40x faster here) adds up the bytes of every
-live storage after each op; the peak is the prediction. The fake tensors live on the CPU, so CPU
-autocast stands in for CUDA autocast (same bf16 casts for linear/conv/matmul/attention) and SDPA
-takes the CPU flash kernel (like CUDA flash, it keeps only the output and log-sum-exp).
-Not counted: the CUDA context and cuBLAS/cuDNN workspaces (~0.5-1 GiB) and caching-allocator
-fragmentation (typically 5-15 %): docs/training_recipes.md adds a margin before saying "fits".
+shapes, dtypes and aliasing, no storage; the step is bench/step_memory.py), and LiveTensorTracker
+(bench/live_tensors.py, a TorchDispatchMode, the same idea as torch.distributed._tools.mem_tracker.
+MemTracker, about 40x faster here) adds up the bytes of every live storage after each op; the peak is
+the prediction. The fake tensors live on the CPU, so CPU autocast stands in for CUDA autocast (same
+bf16 casts for linear/conv/matmul/attention) and SDPA takes the CPU flash kernel (like CUDA flash, it
+keeps only the output and log-sum-exp). Not counted: the CUDA context and cuBLAS/cuDNN workspaces
+(~0.5-1 GiB) and caching-allocator fragmentation (typically 5-15 %): docs/training_recipes.md adds a
+margin before saying "fits".
 
-Validation (`validation` rows, measured_peak_gib): the same step with real float32 tensors on the
-CPU, at sizes these 2-core / 24 GB machines can run (the tiny test UNet and a three-level "mid" UNet),
-in a fresh subprocess with glibc's mmap threshold fixed at 128 KiB (so freed memory leaves the RSS): the tracker's prediction from fake tensors against (a) the tracker on the real
+Validation (`validation` rows, measured_peak_gib; bench/memory_validation.py): the same step with real
+float32 tensors on the CPU, at sizes these 2-core / 24 GB machines can run (the tiny test UNet and a
+three-level "mid" UNet), in a fresh subprocess with glibc's mmap threshold fixed at 128 KiB (so freed
+memory leaves the RSS): the tracker's prediction from fake tensors against (a) the tracker on the real
 tensors and (b) the growth of the process's peak RSS over the step (weights, gradients, AdamW states
 and activations all allocated after the baseline is read), the independent measurement.
 
@@ -32,233 +34,20 @@ The last line printed is one JSON object; its `configs` list has resolution, vie
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import subprocess
 import sys
 import time
-import weakref
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
-from diffusers import UNetSpatioTemporalConditionModel  # noqa: E402
-
-from nova3d.models.gta import GTAConfig, install_gta  # noqa: E402
-from nova3d.models.image_configs import sd21_unet_config  # noqa: E402
-# Imported here, not under a FakeTensorMode: its module-level σ table must be a real tensor.
-from nova3d.models.image_unet import GTAImageUNet  # noqa: E402
-from nova3d.models.multiview import MultiViewConfig  # noqa: E402
-from nova3d.models.svd_configs import svd_xt_unet_config, tiny_unet_config  # noqa: E402
-from nova3d.models.unet import checkpoint_temporal_blocks  # noqa: E402
-
-GIB = 2**30
-DOMAINS = 2
-VAE_CHUNK = 16  # images per VAE encode call in training (nova3d.systems.mv_diffusion.VAE_CHUNK)
-CHECKPOINTING = ("none", "diffusers", "full")
-PRECISIONS = ("bf16-mixed", "bf16-true", "32")
-OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit")  # adamw: foreach, torch's default on CUDA (and Lightning's)
-MMAP_THRESHOLD = 128 * 1024  # bytes; see validation_row
-
-
-def mid_unet_config() -> dict[str, Any]:
-    """Three levels like SVD's first three (bench/gta_step.py's "mid"): the CPU validation size."""
-    cfg = tiny_unet_config()
-    cfg.update(block_out_channels=[64, 128, 256], num_attention_heads=[2, 4, 8], cross_attention_dim=64,
-               down_block_types=["CrossAttnDownBlockSpatioTemporal"] * 2 + ["DownBlockSpatioTemporal"],
-               up_block_types=["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 2)
-    return cfg
-
-
-UNET_CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
-    "svd_xt": svd_xt_unet_config, "mid": mid_unet_config, "tiny": tiny_unet_config}
-# The image prior (issue 15 §1, nova3d.models.image_unet): SD 2.1's UNet with multi-view attention in
-# either layout, with gta_full's conditioner (CLIP ViT-H + SVD's VAE, as ablations/image_prior.yaml).
-IMAGE_ARCHS = {"sd21_dense": "dense", "sd21_orbit": "orbit"}
-LATENT_SCALE = {"svd_xt": 8, "mid": 8, "tiny": 2, "sd21_dense": 8, "sd21_orbit": 8}  # pixels per latent cell
-
-
-class LiveTensorTracker(TorchDispatchMode):
-    """Bytes of live tensor storages: those `track`ed, plus every op output while the mode is on.
-
-    A storage counts once (views share it) and stops counting when it is freed (weakref.finalize).
-    `peak` is the most bytes alive at once; `mark(name)` records the current peak under a name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, weakref.finalize] = {}
-        self.current = 0
-        self.peak = 0
-        self.marks: dict[str, int] = {}
-
-    def track(self, tensors: Iterable[torch.Tensor]) -> None:
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                self._add(t)
-
-    def _add(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = id(storage)
-        if key in self._live:
-            return
-        size = storage.nbytes()
-
-        def freed(key: int = key, size: int = size) -> None:
-            if self._live.pop(key, None) is not None:
-                self.current -= size
-
-        self._live[key] = weakref.finalize(storage, freed)
-        self.current += size
-        self.peak = max(self.peak, self.current)
-
-    def mark(self, name: str) -> None:
-        self.marks[name] = self.peak
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.track(tree_leaves(out))
-        return out
-
-
-class Adam8bitModel(torch.optim.Optimizer):
-    """Memory model of bitsandbytes' 8-bit AdamW: two uint8 states per parameter (plus block
-    scales, <1 %), updated in place by a fused kernel. Only for predictions: it does not train."""
-
-    def __init__(self, params, lr: float = 1e-5) -> None:
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.uint8)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.uint8)
-                p.add_(p.grad, alpha=-group["lr"])
-
-
-def build_unet(arch: str, model: str, checkpointing: str,
-               dtype: torch.dtype = torch.float32) -> UNetSpatioTemporalConditionModel:
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in `dtype`: .to() cannot swap fake parameters
-    try:
-        if arch in IMAGE_ARCHS:
-            return build_image_unet(arch, model, checkpointing)
-        unet = UNetSpatioTemporalConditionModel.from_config(UNET_CONFIGS[arch]())
-    finally:
-        torch.set_default_dtype(default)
-    checkpoint_temporal_blocks(unet)
-    if model == "gta":
-        install_gta(unet, GTAConfig(num_domains=DOMAINS))
-    if checkpointing != "none":
-        unet.enable_gradient_checkpointing()
-    if checkpointing == "diffusers":  # diffusers' own coverage only: the temporal blocks recompute nothing
-        for m in unet.modules():
-            if type(m).__name__ == "CheckpointedTemporalBlock":
-                m.gradient_checkpointing = False
-    return unet.train()
-
-
-def build_image_unet(arch: str, model: str, checkpointing: str):
-    """GTAImageUNet on SD 2.1's config with GTA and multi-view attention, called like the GTA-SVD UNet."""
-    if model != "gta":
-        raise ValueError(f"image-prior ladder rows are GTA only, got model {model!r}")
-    unet = GTAImageUNet.build(sd21_unet_config(), GTAConfig(num_domains=DOMAINS), MultiViewConfig(layout=IMAGE_ARCHS[arch]))
-    if checkpointing != "none":  # diffusers' switch covers every block of an image UNet ("full" = "diffusers")
-        unet.enable_gradient_checkpointing()
-    return unet.train()
-
-
-def conditioner_bytes(arch: str) -> int:
-    """Resident bytes of the frozen float32 CLIP + VAE (built on the meta device: no memory)."""
-    if arch not in ("svd_xt", *IMAGE_ARCHS):
-        return 0
-    from nova3d.models.factory import build_svd_xt_conditioner
-
-    with torch.device("meta"):
-        cond = build_svd_xt_conditioner()
-    return sum(p.numel() * 4 for p in cond.parameters())
-
-
-def vae_encode_peak(arch: str, side: int, dtype: torch.dtype = torch.float32) -> int:
-    """Transient bytes of one VAE encode call of VAE_CHUNK images at side x side pixels (fake tensors)."""
-    if arch not in ("svd_xt", *IMAGE_ARCHS):
-        return 0
-    from diffusers import AutoencoderKLTemporalDecoder
-
-    from nova3d.models.factory import svd_xt_vae_config
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # .to() cannot swap fake parameters
-    try:
-        vae = AutoencoderKLTemporalDecoder(**svd_xt_vae_config()).eval()
-    finally:
-        torch.set_default_dtype(default)
-    x = torch.randn(VAE_CHUNK, 3, side, side, dtype=dtype)
-    tracker = LiveTensorTracker()
-    with torch.no_grad(), tracker:
-        vae.encode(x).latent_dist.sample()
-    return tracker.peak
-
-
-def step_memory(arch: str, model: str, checkpointing: str, latent: int, frames: int, *, fake: bool = True,
-                precision: str = "bf16-mixed", optimizer: str = "adamw", batch: int = 1) -> dict[str, Any]:
-    """Peak bytes of one steady-state training step (module docstring); fake=False runs real tensors."""
-    # allow_non_fake_inputs: module-level constants (the image UNet's σ table) are real tensors
-    with torch.random.fork_rng(devices=[]), (torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
-                                             if fake else nullcontext()):
-        torch.manual_seed(0)
-        unet = build_unet(arch, model, checkpointing,
-                          torch.bfloat16 if precision == "bf16-true" else torch.float32)
-        params = [p for p in unet.parameters() if p.requires_grad]
-        opt = (torch.optim.AdamW(params, lr=1e-5, foreach=True) if optimizer == "adamw" else
-               torch.optim.AdamW(params, lr=1e-5, fused=True) if optimizer == "adamw_fused" else Adam8bitModel(params))
-        for p in params:  # allocate the optimizer states: the step measured is a steady-state one
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        cfg = unet.config
-        n = DOMAINS * batch  # objects x domains, domain-major
-        dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-        channels = getattr(unet, "latent_in_channels", cfg.in_channels)  # the image UNet's conv_in takes 4 + 4
-        x = torch.randn(n, frames, channels, latent, latent, dtype=dtype)
-        ehs = torch.randn(n, 1, cfg.cross_attention_dim, dtype=dtype)
-        ids = torch.tensor([[6.0, 127.0, 0.02]]).repeat(n, 1)
-        sigma = torch.full((n,), 0.5)
-        tracker = LiveTensorTracker()
-        tracker.track([*unet.parameters(), *unet.buffers(), x, ehs, ids, sigma])
-        tracker.track(s for st in opt.state.values() for s in st.values())
-        resident = tracker.current
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
-        with tracker:
-            with autocast:
-                out = unet(x, sigma, encoder_hidden_states=ehs, added_time_ids=ids, return_dict=False)[0]
-                loss = out.float().square().mean()
-            del out
-            tracker.mark("forward")
-            loss.backward()
-            del loss
-            tracker.mark("backward")
-            torch.nn.utils.clip_grad_norm_(params, 1.0)  # trainer.gradient_clip_val
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        weights = sum(p.numel() * p.element_size() for p in unet.parameters())
-        states = sum(s.numel() * s.element_size() for st in opt.state.values() for s in st.values())
-        return {"params_b": round(sum(p.numel() for p in unet.parameters()) / 1e9, 4),
-                "weights_bytes": weights, "grads_bytes": weights, "optimizer_bytes": states,
-                "resident_bytes": resident, "peak_bytes": tracker.peak,
-                "peak_forward_bytes": tracker.marks["forward"], "peak_backward_bytes": tracker.marks["backward"]}
-
+# The step's memory model (bench/step_memory.py), its tracker and its real-tensor check live apart.
+from bench.memory_validation import validation_row  # noqa: E402
+from bench.step_memory import (DOMAINS, GIB, IMAGE_ARCHS, LATENT_SCALE, conditioner_bytes,  # noqa: E402
+                               step_memory, vae_encode_peak)
 
 def ladder_row(resolution: int, views: int, checkpointing: str, model: str, precision: str = "bf16-mixed",
                optimizer: str = "adamw", arch: str = "svd_xt", batch: int = 1) -> dict[str, Any]:
@@ -283,51 +72,6 @@ def ladder_row(resolution: int, views: int, checkpointing: str, model: str, prec
             "weights_gib": round(unet["weights_bytes"] / GIB, 2), "optimizer_gib": round(unet["optimizer_bytes"] / GIB, 2),
             "conditioner_gib": round(cond / GIB, 2), "vae_encode_transient_gib": round(encode / GIB, 2),
             "unet_params_b": unet["params_b"], "seconds": round(time.perf_counter() - t0, 1)}
-
-
-# ---------------------------------------------------------------- validation against a real CPU step
-
-
-def measure_worker(arch: str, model: str, checkpointing: str, latent: int, frames: int) -> dict[str, Any]:
-    """In a fresh process: the real float32 CPU step, tracked, and its peak-RSS growth."""
-    torch.set_num_threads(1)
-    gc.collect()
-    # The high-water mark reset to the current RSS first: otherwise a transient peak of the imports
-    # hides part of the step's (measured 0.72x the prediction on a CI machine, 2026-12-07).
-    before = _reset_peak_rss()
-    real = step_memory(arch, model, checkpointing, latent, frames, fake=False, precision="32")
-    after = _proc_status_bytes("VmHWM")
-    return {"tracked_real_bytes": real["peak_bytes"], "rss_growth_bytes": after - before}
-
-
-def _proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> int:
-    """Reset the peak RSS to the current RSS (Linux: `5` into /proc/self/clear_refs) and return it."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_status_bytes("VmRSS")
-
-
-def validation_row(arch: str, model: str, checkpointing: str, latent: int, frames: int) -> dict[str, Any]:
-    predicted = step_memory(arch, model, checkpointing, latent, frames, precision="32")["peak_bytes"]
-    cmd = [sys.executable, __file__, "--measure-worker", arch, model, checkpointing, str(latent), str(frames)]
-    # A fixed mmap threshold: glibc then returns every freed tensor to the OS at once, so the peak RSS
-    # counts live memory; with its default (dynamic) threshold, freed activations stay in the heap and
-    # the RSS of a checkpointed step measured 2.8x its live peak (docs/benchmarks.md).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    measured = json.loads(out.strip().splitlines()[-1])
-    return {"resolution": latent * LATENT_SCALE[arch], "views": frames, "checkpointing": checkpointing == "full",
-            "checkpointing_kind": checkpointing, "model": model, "arch": arch, "precision": "32", "device": "cpu",
-            "predicted_peak_gib": round(predicted / GIB, 4),
-            "measured_peak_gib": round(measured["rss_growth_bytes"] / GIB, 4),
-            "tracked_real_peak_gib": round(measured["tracked_real_bytes"] / GIB, 4),
-            "measured_over_predicted": round(measured["rss_growth_bytes"] / predicted, 3)}
 
 
 # ---------------------------------------------------------------- main
@@ -392,16 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the image-prior backbone (SD 2.1, dense and orbit multi-view) beside SVD-xt, 512² x 16")
     parser.add_argument("--out", help="also write the JSON object to this file")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (the machines are small and shared)")
-    parser.add_argument("--measure-worker", nargs=5, metavar=("ARCH", "MODEL", "CKPT", "LATENT", "FRAMES"),
-                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    if args.measure_worker:
-        arch, model, ckpt, latent, frames = args.measure_worker
-        print(json.dumps(measure_worker(arch, model, ckpt, int(latent), int(frames))))
-        return 0
     t0 = time.perf_counter()
     result = {"bench": "memory_ladder", "status": "ok", "torch": torch.__version__, "batch_per_gpu": 1,
               "domains": DOMAINS, "quick": args.quick, "toy": args.toy, **run(args.quick, args.toy, args.image_prior),

@@ -307,8 +307,8 @@ def test_install_twice_fails(vanilla):
 
 
 def _step_peak_and_grads(unet, inputs) -> tuple[int, dict[str, torch.Tensor]]:
-    """Peak bytes of live tensors over forward + backward (bench/memory_ladder.py's tracker), and all grads."""
-    from bench.memory_ladder import LiveTensorTracker
+    """Peak bytes of live tensors over forward + backward (bench/live_tensors.py), and all grads."""
+    from bench.live_tensors import LiveTensorTracker
 
     unet.zero_grad(set_to_none=True)
     tracker = LiveTensorTracker()

@@ -1,5 +1,6 @@
-"""bench/memory_ladder.py: the live-tensor tracker counts what a real step allocates, fake tensors
-predict what real ones measure, and `--toy` prints the JSON contract (issue 14)."""
+"""bench/memory_ladder.py and its parts (live_tensors, step_memory, memory_validation): the live-tensor
+tracker counts what a real step allocates, fake tensors predict what real ones measure, and `--toy`
+prints the JSON contract (issue 14)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import memory_ladder as M
+from bench import memory_validation, step_memory
+from bench.live_tensors import LiveTensorTracker
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops run fas
 
 
 def test_tracker_counts_live_storages_once_and_frees_them():
-    tracker = M.LiveTensorTracker()
+    tracker = LiveTensorTracker()
     with tracker:
         a = torch.ones(MIB // 4)  # 1 MiB of float32
         view = a[:10]  # a view: no new storage
@@ -35,20 +37,20 @@ def test_tracker_counts_live_storages_once_and_frees_them():
 
 def test_fake_tensors_predict_the_real_step_exactly():
     """Same shapes, same frees: the FakeTensorMode prediction equals the tracker on real tensors."""
-    fake = M.step_memory("tiny", "gta", "none", 16, 4, precision="32")
-    real = M.step_memory("tiny", "gta", "none", 16, 4, fake=False, precision="32")
+    fake = step_memory.step_memory("tiny", "gta", "none", 16, 4, precision="32")
+    real = step_memory.step_memory("tiny", "gta", "none", 16, 4, fake=False, precision="32")
     assert fake["peak_bytes"] == real["peak_bytes"] and fake["resident_bytes"] == real["resident_bytes"]
     # Steady state: weights + AdamW's two states are resident before the step.
-    steps = 4 * sum(1 for _ in M.build_unet("tiny", "gta", "none").parameters())  # AdamW's float32 step counters
+    steps = 4 * sum(1 for _ in step_memory.build_unet("tiny", "gta", "none").parameters())  # AdamW's float32 step counters
     assert real["optimizer_bytes"] == 2 * real["weights_bytes"] + steps
     assert real["resident_bytes"] >= 3 * real["weights_bytes"]
 
 
 def test_checkpointing_and_vanilla_rows_are_lower():
-    none = M.step_memory("tiny", "gta", "none", 16, 8)
-    diffusers = M.step_memory("tiny", "gta", "diffusers", 16, 8)
-    full = M.step_memory("tiny", "gta", "full", 16, 8)
-    vanilla = M.step_memory("tiny", "vanilla", "none", 16, 8)
+    none = step_memory.step_memory("tiny", "gta", "none", 16, 8)
+    diffusers = step_memory.step_memory("tiny", "gta", "diffusers", 16, 8)
+    full = step_memory.step_memory("tiny", "gta", "full", 16, 8)
+    vanilla = step_memory.step_memory("tiny", "vanilla", "none", 16, 8)
     assert full["peak_forward_bytes"] < diffusers["peak_forward_bytes"] < none["peak_forward_bytes"]
     assert vanilla["peak_bytes"] < none["peak_bytes"]
 
@@ -57,7 +59,7 @@ def test_prediction_matches_a_real_cpu_measurement():
     """The independent check: the peak-RSS growth of a real float32 CPU step in a fresh process
     (tiny UNet at 32² latents x 8 frames, ~0.8 GiB: small beside any CI machine's memory) against the
     fake-tensor prediction."""
-    row = M.validation_row("tiny", "gta", "none", 32, 8)
+    row = memory_validation.validation_row("tiny", "gta", "none", 32, 8)
     assert row["tracked_real_peak_gib"] == row["predicted_peak_gib"]
     assert 0.9 <= row["measured_over_predicted"] <= 1.25, row
 
