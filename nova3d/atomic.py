@@ -73,6 +73,8 @@ def check_writable(path: str | os.PathLike, option: str = "--out") -> None:
     path = Path(path).expanduser()
     probe_dir = path
     while not probe_dir.exists():
+        if probe_dir.is_symlink():  # mkdir through it fails later with a bare "File exists"
+            raise Nova3DError(f"{option} {path}: {probe_dir} links to {os.readlink(probe_dir)}, which does not exist")
         if probe_dir.parent == probe_dir:
             break
         probe_dir = probe_dir.parent

@@ -104,10 +104,12 @@ def test_moved_paths_reroots_only_paths_inside(tmp_path):
 def test_an_output_folder_that_cannot_be_written_is_found_first(tmp_path):
     """issue 25: a file, a path inside a file, or a place nothing can be created in fails at once."""
     (tmp_path / "f").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")  # a data/ link whose cache was wiped
     check_writable(tmp_path / "new" / "deeper")  # missing folders are fine: they can be made
     assert not (tmp_path / "new").exists()  # and are not made by the check
     for bad, said in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", f"is inside {tmp_path / 'f'}"),
-                      (Path("/proc/nova3d_out"), "cannot write")):
+                      (Path("/proc/nova3d_out"), "cannot write"),
+                      (tmp_path / "dangling" / "train", "links to .*missing, which does not exist")):
         with pytest.raises(Nova3DError, match=said):
             check_writable(bad)
         with pytest.raises(Nova3DError):
