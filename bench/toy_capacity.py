@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=Path.home() / ".cache" / "nova3d" / "capacity")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "toy")
     args = p.parse_args(argv)
-    shards = args.data / "shards" / "val"
-    if not shards.is_dir():
-        p.error(f"no val shards under {shards} (run `make toy-data`)")
+    shards = sorted((args.data / "shards" / "val").glob("val-*.tar"))  # files: a folder is read as its split
+    if not shards:
+        p.error(f"no val shards under {args.data / 'shards' / 'val'} (run `make toy-data`)")
     args.root.mkdir(parents=True, exist_ok=True)
+    shard_list = args.root / "train_shards.txt"  # a list file (data.train_shards reads one per line)
+    shard_list.write_text("".join(f"{s.resolve()}\n" for s in shards))
     start = ROOT / "pretrained" / "toy"
-    overrides = [f"model.init_from={start}", f"data.train_shards={shards}", f"trainer.max_steps={args.steps}",
+    overrides = [f"model.init_from={start}", f"data.train_shards={shard_list}", f"trainer.max_steps={args.steps}",
                  f"trainer.val_check_interval={max(1, args.steps // 2)}", f"system.lr={args.lr}",
                  f"system.lr_new={args.lr}", "system.warmup_steps=20",
                  *([f"trainer.max_time={args.max_time}"] if args.max_time else [])]
