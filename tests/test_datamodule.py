@@ -204,6 +204,13 @@ def test_worker_count_from_config_or_slurm(monkeypatch):
     assert resolve_num_workers(DataConfig(num_workers=None)) == 5
 
 
+def test_a_shard_folder_of_another_split_says_which_split_it_holds(renders, tmp_path):
+    """A val folder named as train_shards: its manifest lists no train shards, and the error says so."""
+    write_shards(renders, tmp_path / "val", prefix="val", split="val", progress=False)
+    with pytest.raises(Nova3DError, match="no shards found of split 'train' .*lists split 'val'"):
+        MultiViewDataModule(DataConfig(train_shards=str(tmp_path / "val"))).setup("fit")
+
+
 def test_bad_config_and_missing_shards_fail_clearly(tmp_path):
     with pytest.raises(Nova3DError, match="train_background"):
         MultiViewDataModule(DataConfig(train_background="blue"))

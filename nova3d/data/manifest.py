@@ -108,12 +108,22 @@ def resolve_shards(spec: str | os.PathLike | list, split: str | None = None) -> 
     return list(braceexpand.braceexpand(text))
 
 
+def _other_splits(spec, split: str | None) -> str:
+    """What a manifest holds when none of its shards is of the asked split (else "")."""
+    path = Path(str(spec)) if isinstance(spec, (str, os.PathLike)) else None
+    read_by_split = split is not None and path is not None and (path.is_dir() or path.name == schema.MANIFEST_FILE)
+    manifest = find_manifest(path) if read_by_split else None
+    held = sorted({s.split for s in Manifest.load(manifest).shards}) if manifest is not None else []
+    return (f" of split {split!r} (its {schema.MANIFEST_FILE} lists split {', '.join(map(repr, held))}; "
+            "name the .tar files to read them anyway)") if held else ""
+
+
 def existing_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
     """resolve_shards, checked: Nova3DError when nothing matches or a named shard is missing."""
     shards = resolve_shards(spec, split)
     missing = [s for s in shards if not Path(s).is_file()]
     if not shards:
-        raise Nova3DError(f"{spec}: no shards found")
+        raise Nova3DError(f"{spec}: no shards found{_other_splits(spec, split)}")
     if missing:
         raise Nova3DError(f"{spec}: {len(missing)} of {len(shards)} shards missing, e.g. {missing[0]}")
     return shards
