@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from nova3d.config import ExperimentConfig, TrainerConfig, load_experiment
 from nova3d.data.datamodule import MultiViewDataModule
 from nova3d.errors import Nova3DError
+from nova3d.hub_noise import quiet_hub_libraries
 from nova3d.lightning_warnings import quiet_lightning
 from nova3d.piece_timer import PieceTimer
 from nova3d.preemption import PreemptionCheckpoint
@@ -38,6 +39,13 @@ TOY_SHARDS = "data/toy/shards"  # where `make toy-data` writes the toy recipe's 
 # Lightning warnings that describe what we do on purpose: a frozen (eval-mode) conditioner, and
 # checkpoints already in the run dir when a run resumes.
 EXPECTED_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Checkpoint directory .* exists and is not empty")
+
+
+def parameter_summary(system: L.LightningModule) -> str:
+    """One line in place of Lightning's model-summary table."""
+    trainable = sum(p.numel() for p in system.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in system.parameters() if not p.requires_grad)
+    return f"{trainable / 1e6:.2f} M trainable parameters, {frozen / 1e6:.2f} M frozen"
 
 
 @rank_zero_only
@@ -91,7 +99,7 @@ def build_trainer(cfg: ExperimentConfig, run: RunDir, extra_callbacks: Sequence[
             # The datamodule splits shards by rank itself (resampled, with_epoch): no DistributedSampler.
             use_distributed_sampler=False,
             default_root_dir=run.path, logger=logger, callbacks=[*build_callbacks(cfg, run), *extra_callbacks],
-            plugins=plugins,
+            plugins=plugins, enable_model_summary=False,  # run_training says it in one line
         )
 
 
@@ -108,12 +116,13 @@ def run_training(cfg: ExperimentConfig, argv: Sequence[str] = (),
     cfg = apply_global_batch(cfg, trainer.world_size)  # data.global_batch_size -> per-rank batch_size
     write_snapshot(run, cfg, argv)
     datamodule = MultiViewDataModule(cfg.data)
-    system = MultiViewDiffusion(cfg)
-    if ckpt is not None:
-        _note(f"resuming from {ckpt}")
-    elif cfg.model.init_from:
-        system.init_unet_from(cfg.model.init_from)
-        _note(f"new run: UNet initialised from {cfg.model.init_from}")
+    with quiet_hub_libraries():  # a conditioner or init_from folder: diffusers' bars and accelerate hint
+        system = MultiViewDiffusion(cfg)
+        if ckpt is None and cfg.model.init_from:
+            system.init_unet_from(cfg.model.init_from)
+    _note(f"resuming from {ckpt}" if ckpt is not None else
+          f"new run: UNet initialised from {cfg.model.init_from}" if cfg.model.init_from else "new run")
+    _note(parameter_summary(system))
     with quiet_lightning(EXPECTED_WARNINGS):
         # Our checkpoints hold tensors and plain containers only, so the safe loader suffices.
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)

@@ -62,11 +62,15 @@ class FirstStepWeights(Callback):
         self.ema_updates = pl_module.ema.num_updates if pl_module.ema is not None else None
 
 
-def test_new_run_starts_from_the_exported_unet_and_a_resume_ignores_it(shards, exported, tmp_path):
+def test_new_run_starts_from_the_exported_unet_and_a_resume_ignores_it(shards, exported, tmp_path, capfd):
     overrides = fast_overrides(shards, tmp_path) + [f"model.init_from={exported}", "system.val_num_objects=0",
-                                                    "system.ema_decay=0.9", "trainer.max_steps=1"]
+                                                    "system.ema_decay=0.9", "trainer.max_steps=1",
+                                                    f"model.conditioner={exported}"]  # loaded as toy's is
     probe = FirstStepWeights()
     run_training(load_experiment("tiny", overrides), ["second piece"], [probe])
+    console = "".join(capfd.readouterr())  # a quiet console: nova3d's lines, no loaders' bars or hints
+    assert f"UNet initialised from {exported}" in console and "M trainable parameters" in console
+    assert not [n for n in ("Loading weights", "accelerate", "Trainable params", "Total FLOPs") if n in console]
     stored = _unet_state(exported)
     assert stored.keys() == probe.state.keys()
     for key, value in stored.items():
