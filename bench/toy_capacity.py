@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_ablation import trained_steps  # noqa: E402
-from toy_pilots import PY, ROOT, train_and_export  # noqa: E402
+from toy_ablation import bench_call, trained_steps  # noqa: E402
+from toy_pilots import ROOT, train_and_export  # noqa: E402
 
 from nova3d.atomic import write_json_atomic  # noqa: E402
 
@@ -59,14 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if step < args.steps:
         print(f"toy_capacity: trained {step} of {args.steps} steps; run the same command again to continue")
         return 0
-    bench = [PY, str(ROOT / "bench" / "toy_generation.py"), "--split", "val", "--fusion-budget", "none",
-             "--objects", str(args.objects), "--steps", "25", "--seed", "0", "--data", str(args.data),
-             "--out", str(args.root / "bench"), "--runs", f"start={start}", f"fitted={export}"]
-    with open(args.root / "bench.log", "w") as log:
-        done = subprocess.run(bench, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    if done.returncode:
-        raise SystemExit(f"toy_capacity: toy_generation failed (exit {done.returncode}); see {log.name}")
+    # toy_generation as the ablation calls it (one thread, its log in ROOT/capacity.score.log)
+    bench_call("capacity", ["--split", "val", "--seed", "0", "--runs", f"start={start}", f"fitted={export}"],
+               SimpleNamespace(root=args.root, objects=args.objects, sampling_steps=25, fusion_budget="none",
+                               data=args.data))
     rows = json.loads((args.root / "bench" / "toy_generation.json").read_text())["ablation"]
     write_json_atomic(args.root / "capacity.json", {"steps": args.steps, "lr": args.lr, "objects": args.objects,
                                                     "split": "val (trained on)", "runs": rows, "targets": TARGETS})
